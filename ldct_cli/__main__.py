@@ -1,0 +1,3 @@
+from ldct_cli.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The scripting API behind the CLI: load weights, build a denoiser, denoise a series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldct_cli.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info
+from ldct_cli.dicom.write import Derivation
+from ldct_cli.errors import UsageError
+from ldct_cli.models.registry import get_model_info
+from ldct_cli.pipeline import DenoiseOptions, SeriesResult, now_for_dicom, run_denoise
+
+# Bundled checkpoints: weights/<model>.safetensors in the source tree.
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def bundled_checkpoint(name: str) -> Path | None:
+    """The bundled checkpoint of a registered model, or None when there is none yet."""
+    get_model_info(name)
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
+def resolve_weights(*, model: str | None, weights: Path | str | None) -> Path:
+    """The checkpoint that ``--model`` / ``--weights`` name (``--weights`` wins; both must agree)."""
+    if weights is not None:
+        path = Path(weights)
+        if model is not None:
+            info = read_checkpoint_info(path)
+            if info.model != model:
+                raise UsageError(f"--weights {path} holds a {info.model!r} model, not {model!r}")
+        return path
+    if model is None:
+        raise UsageError("name a model: --model NAME (bundled weights) or --weights CHECKPOINT")
+    bundled = bundled_checkpoint(model)
+    if bundled is None:
+        raise UsageError(f"no bundled weights for {model!r} yet: train with `ldct train` and pass "
+                         "--weights RUN_DIR (or a checkpoint file)")
+    return bundled
+
+
+def build_denoiser(*, model: str | None = None, weights: Path | str | None = None,
+                   device: str = "auto", batch_size: int = 4, precision: str = "fp32",
+                   tile: int | None = None, options: DenoiseOptions = DenoiseOptions()):
+    """Load the checkpoint and return ``(Denoiser or None, Derivation)``.
+
+    With ``options.blend == 1`` the model never runs, so only its header is read.
+    """
+    path = resolve_weights(model=model, weights=weights)
+    if options.blend >= 1.0:
+        info: CheckpointInfo = read_checkpoint_info(path)
+        denoiser = None
+        used_precision = "fp32"
+    else:
+        from ldct_cli.inference import Denoiser, resolve_device
+
+        torch_device = resolve_device(device)
+        net, info = load_checkpoint(path)
+        denoiser = Denoiser(net, info.hu_norm, torch_device, precision=precision,
+                            batch_size=batch_size, tile=tile)
+        used_precision = denoiser.precision
+    date, time = now_for_dicom()
+    derivation = Derivation(model=info.model, weights_sha256=info.tensors_sha256, blend=options.blend,
+                            precision=used_precision, transfer_syntax=options.transfer_syntax,
+                            series_number_offset=options.series_number_offset,
+                            processed_date=date, processed_time=time)
+    return denoiser, derivation
+
+
+def denoise_series(input_dir: Path | str, output_dir: Path | str, *, weights: Path | str,
+                   device: str = "auto", batch_size: int = 4, precision: str = "fp32",
+                   tile: int | None = None, options: DenoiseOptions = DenoiseOptions()) -> SeriesResult:
+    """Denoise the one CT series in ``input_dir`` into a derived series under ``output_dir``.
+
+    Returns its result (status "done", "skipped" or "failed", output folder, error).
+    """
+    from ldct_cli.dicom.read import discover
+
+    found = discover(Path(input_dir))
+    if len(found.series) != 1:
+        raise UsageError(f"{input_dir}: expected one CT series, found {len(found.series)} "
+                         "(use run_denoise or `ldct denoise` for trees)")
+    denoiser, derivation = build_denoiser(weights=weights, device=device, batch_size=batch_size,
+                                          precision=precision, tile=tile, options=options)
+    summary = run_denoise(Path(input_dir), Path(output_dir), denoiser=denoiser, derivation=derivation,
+                          options=options, discovery=found)
+    return summary.series[0]

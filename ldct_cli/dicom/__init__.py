@@ -1,0 +1,1 @@
+"""Reading CT series to HU and writing derived (denoised) series, with pydicom."""

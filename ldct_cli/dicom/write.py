@@ -1,0 +1,253 @@
+"""Write a denoised slice as a new, standards-correct derived CT instance (``DICOM.md``).
+
+Must change: new deterministic SOP/Series Instance UIDs, Image Type DERIVED\\SECONDARY,
+Series Number and Description, creation and content date/time, transfer syntax, pixel
+value statistics, no icon. Should add: Derivation Description and Code Sequence, Source
+Image Sequence and Referenced Series Sequence, Contributing Equipment. Everything else
+(patient, study, frame of reference, image plane, acquisition, dose, rescale, windows,
+padding, private tags) is kept as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from ldct_cli._version import __version__
+from ldct_cli.dicom.read import CT_IMAGE_STORAGE, rescale_of, sop_class_of, transfer_syntax_of
+from ldct_cli.fsutil import atomic_path
+
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
+# Lossless syntaxes that --transfer-syntax keep writes again as they were.
+_KEEP_AS_IS = {DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless}
+# JPEG Lossless has no encoder in pydicom's plugins: JPEG-LS lossless is its nearest kin.
+_KEEP_AS_JPEG_LS = {JPEG_LOSSLESS, JPEGLosslessSV1}
+# Lossy syntaxes and the Lossy Image Compression Method each one implies.
+_LOSSY_METHOD = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.201": "ISO_15444_15",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["ldct-cli implementation"])
+IMPLEMENTATION_VERSION_NAME = ("LDCT_" + __version__.replace(".", "_"))[:16]
+TRANSFER_SYNTAX_CHOICES = ("explicit", "keep")
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """What made a derived series. Its fingerprint seeds the output UIDs: same inputs, same UIDs."""
+
+    model: str
+    weights_sha256: str
+    blend: float = 0.0
+    precision: str = "fp32"
+    transfer_syntax: str = "explicit"  # or "keep"
+    series_number_offset: int = 1000
+    processed_date: str = "19700101"  # DA, the same for every slice of a run
+    processed_time: str = "000000"  # TM
+    tool_version: str = __version__
+
+    def fingerprint(self) -> str:
+        """Everything that changes the output pixels, hashed (not the processing time)."""
+        keys = ("model", "weights_sha256", "blend", "precision", "tool_version")
+        payload = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def uid(self, *sources: str) -> str:
+        """A deterministic UID (<= 64 chars, digits and dots) for an output object."""
+        return generate_uid(entropy_srcs=["ldct-cli", self.fingerprint(), *sources])
+
+
+def output_transfer_syntax(source_syntax: str, mode: str) -> str:
+    """Explicit VR Little Endian, or with ``keep`` a lossless input syntax pydicom can encode."""
+    if mode == "keep":
+        if source_syntax in _KEEP_AS_IS:
+            return source_syntax
+        if source_syntax in _KEEP_AS_JPEG_LS:
+            return JPEGLSLossless
+    return ExplicitVRLittleEndian
+
+
+def stored_range(ds: Dataset) -> tuple[int, int]:
+    """The values Bits Stored allows for the Pixel Representation (not the dtype's range)."""
+    bits = int(ds.BitsStored)
+    if int(ds.PixelRepresentation) == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def hu_to_stored(image_hu: np.ndarray, ds: Dataset) -> tuple[np.ndarray, int]:
+    """round((HU - intercept) / slope), clipped to the Bits Stored range; and how many clipped."""
+    slope, intercept = rescale_of(ds)
+    values = np.rint((image_hu.astype(np.float64) - intercept) / slope)
+    lo, hi = stored_range(ds)
+    n_clipped = int(np.count_nonzero((values < lo) | (values > hi)))
+    dtype = np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16
+    if int(ds.BitsAllocated) != 16:
+        dtype = np.int32 if int(ds.PixelRepresentation) == 1 else np.uint32
+    return np.clip(values, lo, hi).astype(dtype), n_clipped
+
+
+def _code(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+@dataclass(frozen=True)
+class OutputUIDs:
+    """UIDs of one output slice and the series it belongs to."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str  # the source's, or minted once per series when it is empty
+    frame_of_reference_uid: str  # likewise
+
+
+def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivation: Derivation,
+                   n_clipped: int) -> Dataset:
+    """Turn the source slice ``ds`` (modified in place) into the derived instance holding ``stored``."""
+    source_sop_class = sop_class_of(ds) or CT_IMAGE_STORAGE
+    source_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    source_series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    source_syntax = transfer_syntax_of(ds)
+
+    ds.SOPClassUID = source_sop_class
+    ds.SOPInstanceUID = uids.sop_instance_uid
+    ds.SeriesInstanceUID = uids.series_instance_uid
+    ds.StudyInstanceUID = uids.study_instance_uid
+    if uids.frame_of_reference_uid:
+        ds.FrameOfReferenceUID = uids.frame_of_reference_uid
+
+    image_type = [str(v) for v in (ds.get("ImageType") or [])]
+    ds.ImageType = ["DERIVED", "SECONDARY", image_type[2] if len(image_type) > 2 else "AXIAL"]
+    number = ds.get("SeriesNumber")
+    base_number = int(number) if number not in (None, "") else 0
+    ds.SeriesNumber = base_number + derivation.series_number_offset
+    suffix = f" [ldct {derivation.model}]"
+    description = str(ds.get("SeriesDescription", "") or "")
+    ds.SeriesDescription = (description[: 64 - len(suffix)] + suffix).strip()
+    ds.InstanceCreationDate = ds.ContentDate = derivation.processed_date
+    ds.InstanceCreationTime = ds.ContentTime = derivation.processed_time
+
+    if source_syntax in _LOSSY_METHOD:
+        # The pixels went through lossy compression once: that fact is never reset.
+        ds.LossyImageCompression = "01"
+        methods = [str(m) for m in (ds.get("LossyImageCompressionMethod") or []) if m]
+        if _LOSSY_METHOD[source_syntax] not in methods:
+            ds.LossyImageCompressionMethod = methods + [_LOSSY_METHOD[source_syntax]]
+
+    ds.DerivationDescription = (
+        f"Denoised by ldct-cli {derivation.tool_version}: model {derivation.model}, weights sha256 "
+        f"{derivation.weights_sha256[:16]}, blend {derivation.blend:g} of the input, "
+        f"{derivation.precision}; {n_clipped} pixels clipped to the Bits Stored range"
+    )
+    ds.DerivationCodeSequence = Sequence([_code("113087", "Smoothing")])
+    if source_sop_uid:
+        source = Dataset()
+        source.ReferencedSOPClassUID = source_sop_class
+        source.ReferencedSOPInstanceUID = source_sop_uid
+        source.PurposeOfReferenceCodeSequence = Sequence(
+            [_code("121322", "Source image for image processing operation")])
+        ds.SourceImageSequence = Sequence([source])
+        if source_series_uid:
+            instance = Dataset()
+            instance.ReferencedSOPClassUID = source_sop_class
+            instance.ReferencedSOPInstanceUID = source_sop_uid
+            series = Dataset()
+            series.SeriesInstanceUID = source_series_uid
+            series.ReferencedInstanceSequence = Sequence([instance])
+            ds.ReferencedSeriesSequence = Sequence([series])
+    equipment = Dataset()
+    equipment.Manufacturer = "ldct-cli"
+    equipment.SoftwareVersions = derivation.tool_version
+    equipment.ContributionDateTime = derivation.processed_date + derivation.processed_time
+    equipment.ContributionDescription = f"Low-dose CT denoising ({derivation.model})"
+    equipment.PurposeOfReferenceCodeSequence = Sequence([_code("109102", "Processing Equipment")])
+    ds.ContributingEquipmentSequence = Sequence(list(ds.get("ContributingEquipmentSequence") or [])
+                                                + [equipment])
+
+    for keyword in ("IconImageSequence", "LargestPixelValueInSeries", "SmallestPixelValueInSeries"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if "SmallestImagePixelValue" in ds or "LargestImagePixelValue" in ds:
+        ds.SmallestImagePixelValue = int(stored.min())
+        ds.LargestImagePixelValue = int(stored.max())
+
+    _set_pixels(ds, stored, output_transfer_syntax(source_syntax, derivation.transfer_syntax))
+    return ds
+
+
+def _set_pixels(ds: Dataset, stored: np.ndarray, syntax: str) -> None:
+    """Store ``stored`` as the pixel data, encoded in ``syntax``, and build fresh file meta."""
+    for tag in (0x7FE00001, 0x7FE00002):  # extended offset table (+ lengths) of the old payload
+        if tag in ds:
+            del ds[tag]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = meta
+    little = stored.astype(stored.dtype.newbyteorder("<"), copy=False)
+    if "PixelData" in ds:
+        del ds["PixelData"]
+    ds.add_new(0x7FE00010, "OW", little.tobytes())
+    if syntax in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        plugin = {RLELossless: "pylibjpeg", JPEGLSLossless: "pyjpegls", JPEG2000Lossless: "pylibjpeg"}
+        ds.compress(syntax, stored, encoding_plugin=plugin[syntax], generate_instance_uid=False)
+    ds.file_meta.TransferSyntaxUID = syntax
+
+
+def write_dataset(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM Part 10 file, atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+
+
+@dataclass
+class SliceJob:
+    """One derived slice to write: the source header, its pixels, and where it goes."""
+
+    header: Dataset  # the source slice without pixel data
+    source_stored: np.ndarray
+    image_hu: np.ndarray  # the denoised (and blended) HU image
+    padding: np.ndarray  # bool mask of pixels written back unchanged
+    uids: OutputUIDs
+    derivation: Derivation
+    path: Path
+
+
+def write_slice(job: SliceJob) -> int:
+    """Write one derived slice (atomically); return how many pixels were clipped.
+
+    Runs in worker processes.
+    """
+    stored, n_clipped = hu_to_stored(job.image_hu, job.header)
+    stored[job.padding] = job.source_stored[job.padding]
+    ds = derive_dataset(job.header, stored, uids=job.uids, derivation=job.derivation,
+                        n_clipped=n_clipped)
+    write_dataset(ds, job.path)
+    return n_clipped

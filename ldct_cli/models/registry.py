@@ -1,0 +1,107 @@
+"""The model registry: the only list of model names in ldct-cli.
+
+Each entry names its network class by import path, so listing models (for ``--help``
+and ``ldct models``) does not import torch; ``create_model`` imports it when needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from ldct_cli.errors import UsageError
+from ldct_cli.models.normalization import SYMMETRIC_RANGE, UNIT_RANGE, HUNormalization
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a registered generator is, where it comes from, and how it sees HU."""
+
+    name: str
+    target: str  # "module:Class" of the torch.nn.Module
+    title: str
+    paper: str
+    hu_norm: HUNormalization
+    default_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def load_class(self):
+        module_name, _, class_name = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    """Add a model; a second model of the same name is an error, not a warning."""
+    if info.name in _REGISTRY:
+        raise ValueError(f"model {info.name!r} is registered twice")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def list_models() -> list[str]:
+    """Registered model names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}") from None
+
+
+def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
+    """All constructor arguments of a model, defaults filled in (what a checkpoint stores)."""
+    info = get_model_info(name)
+    cls = info.load_class()
+    merged = {**info.default_kwargs, **kwargs}
+    try:
+        bound = inspect.signature(cls).bind(**merged)
+    except TypeError as exc:
+        raise UsageError(f"model {name!r}: {exc}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def create_model(name: str, **kwargs: Any):
+    """Build a registered generator (a ``torch.nn.Module``) with its kwargs resolved.
+
+    The module carries ``ldct_name``, ``ldct_kwargs`` and ``hu_norm`` so that
+    ``save_checkpoint`` can describe it without further arguments.
+    """
+    info = get_model_info(name)
+    full_kwargs = resolve_kwargs(name, **kwargs)
+    model = info.load_class()(**full_kwargs)
+    model.ldct_name = name
+    model.ldct_kwargs = full_kwargs
+    model.hu_norm = info.hu_norm
+    return model
+
+
+register_model(ModelInfo(
+    name="redcnn",
+    target="ldct_cli.models.redcnn:RedCNN",
+    title="RED-CNN: residual encoder-decoder CNN (5 conv + 5 deconv, 96 ch, 5x5, 3 shortcuts)",
+    paper="H. Chen et al., Low-Dose CT With a Residual Encoder-Decoder Convolutional Neural Network, "
+          "IEEE TMI 36(12), 2017",
+    hu_norm=UNIT_RANGE,
+))
+register_model(ModelInfo(
+    name="wgan_vgg",
+    target="ldct_cli.models.wgan_vgg:WganVggGenerator",
+    title="WGAN-VGG generator: 8 conv layers 3x3, 32 channels (1 in the last), ReLU",
+    paper="Q. Yang et al., Low-Dose CT Image Denoising Using a Generative Adversarial Network With "
+          "Wasserstein Distance and Perceptual Loss, IEEE TMI 37(6), 2018",
+    hu_norm=UNIT_RANGE,
+))
+register_model(ModelInfo(
+    name="pix2pix",
+    target="ldct_cli.models.pix2pix:UNetGenerator",
+    title="Pix2Pix U-Net generator: 4x4 stride-2 convs, BatchNorm, skips, dropout, tanh",
+    paper="P. Isola et al., Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017",
+    hu_norm=SYMMETRIC_RANGE,
+))

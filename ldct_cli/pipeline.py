@@ -1,0 +1,348 @@
+"""``ldct denoise``: discover series, stream them through a denoiser, write derived series.
+
+Decoding and encoding run in worker processes while the model runs in this one, with a
+bounded number of slices in flight, so throughput approaches the model's own and memory
+stays flat whatever the series length. Each series is written into a hidden staging
+folder and renamed into place only when complete: an interrupted or failed series
+leaves nothing behind, and a rerun skips series whose folder exists.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ldct_cli.dicom.read import Discovery, Series, discover, load_slice, padding_mask, rescale_of, stored_to_hu
+from ldct_cli.dicom.write import TRANSFER_SYNTAX_CHOICES, Derivation, OutputUIDs, SliceJob, write_slice
+from ldct_cli.errors import LdctError, UsageError
+from ldct_cli.fsutil import is_within, safe_name
+
+STAGING_PREFIX = ".ldct-partial-"
+
+
+@dataclass(frozen=True)
+class DenoiseOptions:
+    """How ``denoise`` runs and writes (the model and device live in the ``Denoiser``)."""
+
+    blend: float = 0.0  # output = (1 - blend) * denoised + blend * input
+    transfer_syntax: str = "explicit"
+    series_number_offset: int = 1000
+    overwrite: bool = False
+    workers: int = 2  # decode/encode processes; 0 runs them in this process
+
+    def __post_init__(self):
+        if not 0.0 <= self.blend <= 1.0:
+            raise UsageError(f"--blend {self.blend}: must be between 0 and 1")
+        if self.transfer_syntax not in TRANSFER_SYNTAX_CHOICES:
+            raise UsageError(f"--transfer-syntax {self.transfer_syntax!r}: expected "
+                             f"{' or '.join(TRANSFER_SYNTAX_CHOICES)}")
+        if self.workers < 0:
+            raise UsageError("--workers must be 0 or more")
+
+
+@dataclass
+class SeriesResult:
+    """What happened to one input series (paths and UIDs only: never patient tags)."""
+
+    input: str
+    output: str | None
+    series_uid: str
+    output_series_uid: str | None
+    slices: int
+    status: str  # "done", "skipped" or "failed"
+    seconds: float = 0.0
+    error: str | None = None
+    clipped_pixels: int = 0
+
+
+@dataclass
+class RunSummary:
+    """The whole run: per-series results plus the files skipped or failed on discovery."""
+
+    series: list[SeriesResult] = field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    failed_files: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        failed = self.failed_files or any(r.status == "failed" for r in self.series)
+        return 1 if failed else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "series": [asdict(r) for r in self.series],
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files],
+            "failed_files": [{"path": p, "error": r} for p, r in self.failed_files],
+            "exit_code": self.exit_code,
+        }
+
+
+class Progress(Protocol):
+    """What the pipeline reports as it goes (the CLI draws it; the library never prints)."""
+
+    def series_started(self, series: Series, output: Path) -> None: ...
+    def slices_done(self, n: int) -> None: ...
+    def series_finished(self, result: SeriesResult) -> None: ...
+
+
+class NoProgress:
+    def series_started(self, series: Series, output: Path) -> None:
+        pass
+
+    def slices_done(self, n: int) -> None:
+        pass
+
+    def series_finished(self, result: SeriesResult) -> None:
+        pass
+
+
+class InlineExecutor(cf.Executor):
+    """Runs each task at submit time, in this process (``--workers 0``)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # the caller sees it at .result(), as with a pool
+            future.set_exception(exc)
+        return future
+
+
+def make_executor(workers: int) -> cf.Executor:
+    """A pool of ``workers`` processes (spawned: no forked torch state), or inline for 0."""
+    if workers == 0:
+        return InlineExecutor()
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def ordered_map(executor: cf.Executor, fn: Callable, items: Iterable, lookahead: int) -> Iterator:
+    """``map`` in order with at most ``lookahead`` tasks in flight; pending ones cancelled on exit."""
+    queue: deque[cf.Future] = deque()
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            queue.append(executor.submit(fn, item))
+            if len(queue) >= lookahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        for future in queue:
+            future.cancel()
+
+
+def check_paths(input_path: Path, output_dir: Path) -> None:
+    """Refuse what could write inside the input or lose data, before any work."""
+    if not input_path.exists():
+        raise UsageError(f"{input_path}: no such file or folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: exists and is not a folder")
+    root = input_path if input_path.is_dir() else input_path.parent
+    if is_within(output_dir, root) and input_path.is_dir():
+        raise UsageError(f"{output_dir}: OUT is inside IN ({input_path}); nothing is ever written "
+                         "inside the input tree")
+    if is_within(input_path, output_dir):
+        raise UsageError(f"{input_path}: IN is inside OUT ({output_dir}); choose an OUT outside IN")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f"{STAGING_PREFIX}probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise UsageError(f"{output_dir}: cannot write to OUT ({exc.strerror or exc})") from None
+
+
+def output_folder(series: Series, input_path: Path, output_dir: Path, derivation: Derivation,
+                  series_uid: str) -> Path:
+    """OUT / <the series' folder relative to IN> / <number>_<description>_<model>_<uid hash>.
+
+    Every component is sanitized, so no tag value can make a path leave OUT.
+    """
+    root = input_path if input_path.is_dir() else input_path.parent
+    relative = series.folder.relative_to(root)
+    parts = [safe_name(p) for p in relative.parts]
+    label = safe_name(f"S{series.number if series.number is not None else 0}_{series.description}",
+                      max_len=40)
+    tag = series_uid.rsplit(".", 1)[-1][-8:]
+    return output_dir.joinpath(*parts, f"{label}_{safe_name(derivation.model)}_{tag}")
+
+
+def _finish_series(staging: Path, final: Path, overwrite: bool) -> None:
+    """Move a complete staging folder into place (replacing an old one with --overwrite)."""
+    if final.exists() and overwrite:
+        trash = final.with_name(STAGING_PREFIX + "old-" + final.name)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def denoise_series(series: Series, final: Path, *, denoiser, derivation: Derivation,
+                   options: DenoiseOptions, executor: cf.Executor,
+                   progress: Progress | None = None) -> SeriesResult:
+    """Denoise one discovered series into the folder ``final``; never raises for bad data."""
+    progress = progress or NoProgress()
+    series_uid = derivation.uid("series", series.key)
+    result = SeriesResult(input=str(series.folder), output=str(final), series_uid=series.series_uid,
+                          output_series_uid=series_uid, slices=series.n_slices, status="done")
+    start = time.perf_counter()
+    progress.series_started(series, final)
+    staging = final.with_name(STAGING_PREFIX + final.name)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+        staging.mkdir(parents=True)
+        result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
+                                        options=options, executor=executor, progress=progress,
+                                        series_uid=series_uid)
+        _finish_series(staging, final, options.overwrite)
+    except (LdctError, OSError) as exc:
+        result.status, result.output = "failed", None
+        result.error = str(exc) if isinstance(exc, LdctError) else f"{final}: cannot write ({exc})"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.seconds = round(time.perf_counter() - start, 3)
+    progress.series_finished(result)
+    return result
+
+
+def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
+            options: DenoiseOptions, executor: cf.Executor, progress: Progress,
+            series_uid: str) -> int:
+    """Read, denoise and write every slice of ``series`` into ``staging``; return clipped count."""
+    n = series.n_slices
+    context = denoiser.context_slices if denoiser is not None else 1
+    half = context // 2
+    batch_size = denoiser.batch_size if denoiser is not None else 1
+    # Slices in flight: enough to keep every worker and one model batch busy, no more.
+    lookahead = batch_size + context + 2 * max(1, options.workers)
+    run_model = options.blend < 1.0
+    study_uid = frame_uid = ""
+    loaded: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
+    batch: list[int] = []
+    writes: deque[cf.Future] = deque()
+    clipped = 0
+
+    def drain(limit: int) -> None:
+        nonlocal clipped
+        while len(writes) > limit:
+            clipped += writes.popleft().result()
+            progress.slices_done(1)
+
+    def flush() -> None:
+        if not batch:
+            return
+        centers = [loaded[i][2] for i in batch]
+        if run_model:
+            stacks = []
+            for i in batch:
+                neighbours = [loaded[j][2] for j in context_indices(i, n, context)]
+                stacks.append(np.stack([im if im.shape == loaded[i][2].shape else loaded[i][2]
+                                        for im in neighbours]))
+            denoised = denoiser(np.stack(stacks))
+        for row, i in enumerate(batch):
+            header, stored, image_hu, padding = loaded[i]
+            if run_model:
+                out = (1.0 - options.blend) * denoised[row] + options.blend * centers[row]
+            else:
+                out = image_hu
+            source_uid = str(header.get("SOPInstanceUID", "") or "") or f"{series.key}/{i}"
+            uids = OutputUIDs(sop_instance_uid=derivation.uid("instance", source_uid),
+                              series_instance_uid=series_uid, study_instance_uid=study_uid,
+                              frame_of_reference_uid=frame_uid)
+            job = SliceJob(header=header, source_stored=stored, image_hu=out.astype(np.float32),
+                           padding=padding, uids=uids, derivation=derivation,
+                           path=staging / f"{i + 1:04d}.dcm")
+            writes.append(executor.submit(write_slice, job))
+            drain(lookahead)
+        batch.clear()
+
+    next_out = 0
+    for index, (header, stored) in enumerate(ordered_map(executor, load_slice,
+                                                         [s.path for s in series.slices], lookahead)):
+        if index == 0:
+            study_uid = str(header.get("StudyInstanceUID", "") or "") or derivation_free_uid("study", series.key)
+            frame_uid = (str(header.get("FrameOfReferenceUID", "") or "")
+                         or derivation_free_uid("frame", series.key))
+        slope, intercept = rescale_of(header)
+        image_hu = stored_to_hu(stored, slope, intercept)
+        loaded[index] = (header, stored, image_hu, padding_mask(header, stored, image_hu))
+        # Emit every slice whose neighbours are now all loaded.
+        while next_out < n and (next_out + half <= index or index == n - 1):
+            if batch and loaded[batch[0]][2].shape != loaded[next_out][2].shape:
+                flush()
+            batch.append(next_out)
+            next_out += 1
+            if len(batch) == batch_size:
+                flush()
+            keep_from = (batch[0] if batch else next_out) - half
+            for old in [k for k in loaded if k < keep_from]:
+                del loaded[old]
+    flush()
+    drain(0)
+    return clipped
+
+
+def context_indices(index: int, n_slices: int, context_slices: int) -> list[int]:
+    """Indices of the ``context_slices`` slices centred on ``index``, replicated at the ends."""
+    half = context_slices // 2
+    return [min(max(i, 0), n_slices - 1) for i in range(index - half, index - half + context_slices)]
+
+
+def derivation_free_uid(kind: str, key: str) -> str:
+    """A UID for an identity the source left empty (study, frame of reference): the same for
+    every slice of the series and every model, so outputs of one series still belong together."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=["ldct-cli", kind, key])
+
+
+def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Derivation,
+                options: DenoiseOptions, progress: Progress | None = None,
+                discovery: Discovery | None = None) -> RunSummary:
+    """Denoise every CT series under ``input_path`` into ``output_dir``.
+
+    ``denoiser`` may be None only with ``blend == 1`` (the I/O path alone). One bad
+    file or series never stops the others: each failure is recorded in the summary.
+    """
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    check_paths(input_path, output_dir)
+    if denoiser is None and options.blend < 1.0:
+        raise UsageError("a model is needed unless --blend 1")
+    progress = progress or NoProgress()
+    found = discovery or discover(input_path)
+    summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
+                         failed_files=[(str(p), r) for p, r in found.failed])
+    with make_executor(options.workers) as executor:
+        for series in found.series:
+            final = output_folder(series, input_path, output_dir, derivation,
+                                  derivation.uid("series", series.key))
+            if final.exists() and not options.overwrite:
+                summary.series.append(SeriesResult(
+                    input=str(series.folder), output=str(final), series_uid=series.series_uid,
+                    output_series_uid=derivation.uid("series", series.key), slices=series.n_slices,
+                    status="skipped", error="already complete (use --overwrite to write it again)"))
+                progress.series_finished(summary.series[-1])
+                continue
+            summary.series.append(denoise_series(series, final, denoiser=denoiser,
+                                                 derivation=derivation, options=options,
+                                                 executor=executor, progress=progress))
+    return summary
+
+
+def now_for_dicom() -> tuple[str, str]:
+    """(DA, TM) of this moment, for Instance Creation and Content Date/Time."""
+    now = datetime.now()
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
