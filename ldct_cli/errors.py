@@ -13,17 +13,21 @@ class UsageError(LdctError):
     """Bad options or paths: the run cannot start (exit code 2)."""
 
 
-class CheckpointError(LdctError):
-    """A checkpoint file that is missing, malformed, or fails its checksum."""
+class CheckpointError(UsageError):
+    """A checkpoint file that is missing, malformed, or fails its checksum (nothing can run)."""
 
 
 class DicomError(LdctError):
     """A DICOM file that cannot be used; the message names the file."""
 
     def __init__(self, path: Path | str, reason: str):
+        # Both go to Exception.__init__ so the error pickles across worker processes.
+        super().__init__(path, reason)
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"{path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 class NotDicomError(DicomError):

@@ -76,8 +76,9 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
+        """1 when any file or series failed, or when no CT series was found at all."""
         failed = self.failed_files or any(r.status == "failed" for r in self.series)
-        return 1 if failed else 0
+        return 1 if failed or not self.series else 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,7 +115,7 @@ class InlineExecutor(cf.Executor):
         future: cf.Future = cf.Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # the caller sees it at .result(), as with a pool
+        except Exception as exc:  # the caller sees it at .result(), as with a pool
             future.set_exception(exc)
         return future
 
@@ -336,10 +337,24 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
                     status="skipped", error="already complete (use --overwrite to write it again)"))
                 progress.series_finished(summary.series[-1])
                 continue
-            summary.series.append(denoise_series(series, final, denoiser=denoiser,
-                                                 derivation=derivation, options=options,
-                                                 executor=executor, progress=progress))
+            result = denoise_series(series, final, denoiser=denoiser, derivation=derivation,
+                                    options=options, executor=executor, progress=progress)
+            if result.status == "failed":
+                _prune_empty_folders(final.parent, stop=output_dir)
+            summary.series.append(result)
     return summary
+
+
+def _prune_empty_folders(folder: Path, *, stop: Path) -> None:
+    """Remove the folders a failed series left empty, up to (not including) ``stop``."""
+    stop = stop.resolve()
+    folder = folder.resolve()
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or not ours to remove): stop here
+            return
+        folder = folder.parent
 
 
 def now_for_dicom() -> tuple[str, str]:

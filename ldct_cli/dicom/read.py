@@ -142,7 +142,8 @@ def check_ct_image(ds: Dataset, path: Path) -> None:
     if not sop_class and ds.get("Modality") != "CT":
         raise NotCTError(path, f"not a CT image (modality {ds.get('Modality', 'missing')})")
     if "Rows" not in ds or "Columns" not in ds:
-        raise NotCTError(path, "no image (Rows/Columns missing)")
+        # A CT image always has them: the header is cut short or damaged.
+        raise DicomError(path, "CT image without Rows/Columns (truncated or damaged header)")
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if len(image_type) > 2 and image_type[2] == "LOCALIZER":
         raise NotCTError(path, "localizer (scout) image")
