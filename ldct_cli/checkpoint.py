@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from ldct_cli._version import __version__
 from ldct_cli.errors import CheckpointError
+from ldct_cli.fsutil import atomic_path
 from ldct_cli.models.normalization import HUNormalization
 
 FORMAT = "ldct-checkpoint"
@@ -93,14 +92,8 @@ def save_checkpoint(model, path: Path | str, *, training: dict | None = None,
         path=path,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"ldct": json.dumps(info.header(), sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"ldct": json.dumps(info.header(), sort_keys=True)})
     return info
 
 

@@ -24,7 +24,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from ldct_cli.dicom.read import Discovery, Series, discover, load_slice, padding_mask, rescale_of, stored_to_hu
-from ldct_cli.dicom.write import TRANSFER_SYNTAX_CHOICES, Derivation, OutputUIDs, SliceJob, write_slice
+from ldct_cli.dicom.write import (
+    TRANSFER_SYNTAX_CHOICES,
+    CopyJob,
+    Derivation,
+    OutputUIDs,
+    SliceJob,
+    copy_slice,
+    hu_to_stored,
+    write_slice,
+)
 from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.fsutil import is_within, safe_name
 
@@ -206,8 +215,7 @@ def denoise_series(series: Series, final: Path, *, denoiser, derivation: Derivat
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
         staging.mkdir(parents=True)
         result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
-                                        options=options, executor=executor, progress=progress,
-                                        series_uid=series_uid)
+                                        options=options, executor=executor, progress=progress)
         _finish_series(staging, final, options.overwrite)
     except (LdctError, OSError) as exc:
         result.status, result.output = "failed", None
@@ -220,94 +228,95 @@ def denoise_series(series: Series, final: Path, *, denoiser, derivation: Derivat
 
 
 def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
-            options: DenoiseOptions, executor: cf.Executor, progress: Progress,
-            series_uid: str) -> int:
-    """Read, denoise and write every slice of ``series`` into ``staging``; return clipped count."""
+            options: DenoiseOptions, executor: cf.Executor, progress: Progress) -> int:
+    """Read, denoise and write every slice of ``series`` into ``staging``; return clipped count.
+
+    Workers decode (``load_slice``) and encode (``write_slice``); this process converts
+    to HU, runs the model in batches, blends, converts back and restores padding, so
+    only stored values and headers cross between processes.
+    """
     n = series.n_slices
-    context = denoiser.context_slices if denoiser is not None else 1
-    half = context // 2
-    batch_size = denoiser.batch_size if denoiser is not None else 1
-    # Slices in flight: enough to keep every worker and one model batch busy, no more.
-    lookahead = batch_size + context + 2 * max(1, options.workers)
-    run_model = options.blend < 1.0
-    study_uid = frame_uid = ""
-    loaded: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
-    batch: list[int] = []
+    destinations = [staging / f"{i + 1:04d}.dcm" for i in range(n)]
+    lookahead = 2 * max(1, options.workers) + (denoiser.batch_size + denoiser.context_slices
+                                               if denoiser is not None else 0)
     writes: deque[cf.Future] = deque()
     clipped = 0
 
-    def drain(limit: int) -> None:
+    def submit_write(fn, job) -> None:
+        # Keep at most `lookahead` writes in flight: memory stays flat on any series length.
         nonlocal clipped
-        while len(writes) > limit:
+        writes.append(executor.submit(fn, job))
+        while len(writes) > lookahead:
             clipped += writes.popleft().result()
             progress.slices_done(1)
 
-    def flush() -> None:
-        if not batch:
-            return
-        centers = [loaded[i][2] for i in batch]
-        if run_model:
-            stacks = []
-            for i in batch:
-                neighbours = [loaded[j][2] for j in context_indices(i, n, context)]
-                stacks.append(np.stack([im if im.shape == loaded[i][2].shape else loaded[i][2]
-                                        for im in neighbours]))
-            denoised = denoiser(np.stack(stacks))
+    if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
+        for i, s in enumerate(series.slices):
+            submit_write(copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
+                                             derivation=derivation, path=destinations[i]))
+    else:
+        slices = ordered_map(executor, load_slice, [s.path for s in series.slices], lookahead)
+        for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend):
+            uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key, index=i)
+            submit_write(write_slice, SliceJob(header=header, stored=out_stored, n_clipped=n_clipped,
+                                               uids=uids, derivation=derivation, path=destinations[i]))
+    while writes:
+        clipped += writes.popleft().result()
+        progress.slices_done(1)
+    return clipped
+
+
+def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
+              blend: float) -> Iterator[tuple[int, Any, np.ndarray, int]]:
+    """Yield ``(index, header, output stored values, pixels clipped)`` for slices in order.
+
+    Slices are batched (same matrix size only), each with its ``context_slices``
+    neighbours (replicated at the ends of the series; a neighbour of another matrix size
+    is replaced by the slice itself). Only the slices still needed as context are kept.
+    """
+    half = denoiser.context_slices // 2
+    loaded: dict[int, tuple[Any, np.ndarray, np.ndarray]] = {}
+    batch: list[int] = []
+
+    def flush():
+        stacks = []
+        for i in batch:
+            center = loaded[i][2]
+            stacks.append(np.stack([loaded[j][2] if loaded[j][2].shape == center.shape else center
+                                    for j in context_indices(i, n, denoiser.context_slices)]))
+        denoised = denoiser(np.stack(stacks))
         for row, i in enumerate(batch):
-            header, stored, image_hu, padding = loaded[i]
-            if run_model:
-                out = (1.0 - options.blend) * denoised[row] + options.blend * centers[row]
-            else:
-                out = image_hu
-            source_uid = str(header.get("SOPInstanceUID", "") or "") or f"{series.key}/{i}"
-            uids = OutputUIDs(sop_instance_uid=derivation.uid("instance", source_uid),
-                              series_instance_uid=series_uid, study_instance_uid=study_uid,
-                              frame_of_reference_uid=frame_uid)
-            job = SliceJob(header=header, source_stored=stored, image_hu=out.astype(np.float32),
-                           padding=padding, uids=uids, derivation=derivation,
-                           path=staging / f"{i + 1:04d}.dcm")
-            writes.append(executor.submit(write_slice, job))
-            drain(lookahead)
+            header, stored, image_hu = loaded[i]
+            out_hu = denoised[row] if blend == 0 else (1.0 - blend) * denoised[row] + blend * image_hu
+            out_stored, n_clipped = hu_to_stored(out_hu, header)
+            padding = padding_mask(header, stored, image_hu)
+            out_stored[padding] = stored[padding]  # not anatomy: written back unchanged
+            yield i, header, out_stored, n_clipped
         batch.clear()
 
     next_out = 0
-    for index, (header, stored) in enumerate(ordered_map(executor, load_slice,
-                                                         [s.path for s in series.slices], lookahead)):
-        if index == 0:
-            study_uid = str(header.get("StudyInstanceUID", "") or "") or derivation_free_uid("study", series.key)
-            frame_uid = (str(header.get("FrameOfReferenceUID", "") or "")
-                         or derivation_free_uid("frame", series.key))
+    for index, (header, stored) in enumerate(slices):
         slope, intercept = rescale_of(header)
-        image_hu = stored_to_hu(stored, slope, intercept)
-        loaded[index] = (header, stored, image_hu, padding_mask(header, stored, image_hu))
-        # Emit every slice whose neighbours are now all loaded.
+        loaded[index] = (header, stored, stored_to_hu(stored, slope, intercept))
+        # Every slice whose neighbours are all loaded can join a batch.
         while next_out < n and (next_out + half <= index or index == n - 1):
             if batch and loaded[batch[0]][2].shape != loaded[next_out][2].shape:
-                flush()
+                yield from flush()
             batch.append(next_out)
             next_out += 1
-            if len(batch) == batch_size:
-                flush()
+            if len(batch) == denoiser.batch_size:
+                yield from flush()
             keep_from = (batch[0] if batch else next_out) - half
             for old in [k for k in loaded if k < keep_from]:
                 del loaded[old]
-    flush()
-    drain(0)
-    return clipped
+    if batch:
+        yield from flush()
 
 
 def context_indices(index: int, n_slices: int, context_slices: int) -> list[int]:
     """Indices of the ``context_slices`` slices centred on ``index``, replicated at the ends."""
     half = context_slices // 2
     return [min(max(i, 0), n_slices - 1) for i in range(index - half, index - half + context_slices)]
-
-
-def derivation_free_uid(kind: str, key: str) -> str:
-    """A UID for an identity the source left empty (study, frame of reference): the same for
-    every slice of the series and every model, so outputs of one series still belong together."""
-    from pydicom.uid import generate_uid
-
-    return generate_uid(entropy_srcs=["ldct-cli", kind, key])
 
 
 def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Derivation,

@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 
 from ldct_cli._version import __version__
-from ldct_cli.dicom.read import CT_IMAGE_STORAGE, rescale_of, sop_class_of, transfer_syntax_of
+from ldct_cli.dicom.read import CT_IMAGE_STORAGE, load_slice, rescale_of, sop_class_of, transfer_syntax_of
 from ldct_cli.fsutil import atomic_path
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
@@ -98,9 +98,12 @@ def stored_range(ds: Dataset) -> tuple[int, int]:
 def hu_to_stored(image_hu: np.ndarray, ds: Dataset) -> tuple[np.ndarray, int]:
     """round((HU - intercept) / slope), clipped to the Bits Stored range; and how many clipped."""
     slope, intercept = rescale_of(ds)
-    values = np.rint((image_hu.astype(np.float64) - intercept) / slope)
+    values = image_hu.astype(np.float64)  # float64: exact for every 16-bit stored value
+    values -= intercept
+    values /= slope
+    np.rint(values, out=values)
     lo, hi = stored_range(ds)
-    n_clipped = int(np.count_nonzero((values < lo) | (values > hi)))
+    n_clipped = int(np.count_nonzero(values < lo)) + int(np.count_nonzero(values > hi))
     dtype = np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16
     if int(ds.BitsAllocated) != 16:
         dtype = np.int32 if int(ds.PixelRepresentation) == 1 else np.uint32
@@ -123,6 +126,22 @@ class OutputUIDs:
     series_instance_uid: str
     study_instance_uid: str  # the source's, or minted once per series when it is empty
     frame_of_reference_uid: str  # likewise
+
+    @classmethod
+    def for_slice(cls, ds: Dataset, *, derivation: Derivation, series_key: str,
+                  index: int) -> "OutputUIDs":
+        """New SOP and Series UIDs from the source's (plus the derivation); study and frame
+        of reference kept, or minted from the series key when the source left them empty
+        (the same for every slice and every model, so the outputs still belong together)."""
+        source_sop = str(ds.get("SOPInstanceUID", "") or "") or f"{series_key}/{index}"
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        frame = str(ds.get("FrameOfReferenceUID", "") or "")
+        return cls(
+            sop_instance_uid=derivation.uid("instance", source_sop),
+            series_instance_uid=derivation.uid("series", series_key),
+            study_instance_uid=study or generate_uid(entropy_srcs=["ldct-cli", "study", series_key]),
+            frame_of_reference_uid=frame or generate_uid(entropy_srcs=["ldct-cli", "frame", series_key]),
+        )
 
 
 def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivation: Derivation,
@@ -229,12 +248,11 @@ def write_dataset(ds: Dataset, path: Path) -> None:
 
 @dataclass
 class SliceJob:
-    """One derived slice to write: the source header, its pixels, and where it goes."""
+    """One derived slice to write: the source header, the new stored values, where it goes."""
 
     header: Dataset  # the source slice without pixel data
-    source_stored: np.ndarray
-    image_hu: np.ndarray  # the denoised (and blended) HU image
-    padding: np.ndarray  # bool mask of pixels written back unchanged
+    stored: np.ndarray  # output stored values (padding already restored)
+    n_clipped: int
     uids: OutputUIDs
     derivation: Derivation
     path: Path
@@ -245,9 +263,27 @@ def write_slice(job: SliceJob) -> int:
 
     Runs in worker processes.
     """
-    stored, n_clipped = hu_to_stored(job.image_hu, job.header)
-    stored[job.padding] = job.source_stored[job.padding]
-    ds = derive_dataset(job.header, stored, uids=job.uids, derivation=job.derivation,
-                        n_clipped=n_clipped)
+    ds = derive_dataset(job.header, job.stored, uids=job.uids, derivation=job.derivation,
+                        n_clipped=job.n_clipped)
     write_dataset(ds, job.path)
-    return n_clipped
+    return job.n_clipped
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    """``--blend 1``: write a source slice's own pixels as a derived slice (no model)."""
+
+    source: Path
+    series_key: str
+    index: int
+    derivation: Derivation
+    path: Path
+
+
+def copy_slice(job: CopyJob) -> int:
+    """Read, derive and write one slice entirely in a worker: no pixels cross processes."""
+    header, stored = load_slice(job.source)
+    uids = OutputUIDs.for_slice(header, derivation=job.derivation, series_key=job.series_key,
+                                index=job.index)
+    return write_slice(SliceJob(header=header, stored=stored, n_clipped=0, uids=uids,
+                                derivation=job.derivation, path=job.path))
