@@ -1,0 +1,155 @@
+"""Reading CT series (discovery, sorting, HU, padding) and the stored-value arithmetic of writing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from ldct_cli.dicom.read import discover, load_slice, padding_mask, rescale_of, sort_slices, stored_to_hu
+from ldct_cli.dicom.write import Derivation, hu_to_stored, output_transfer_syntax, stored_range
+from ldct_cli.errors import DicomError
+from tests.synth import SeriesSpec, write_mixed_folder, write_series
+
+
+def _header(**attrs) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize("signed, bits, slope, intercept", [
+    (True, 12, 1.0, -1024.0), (False, 12, 1.0, -1000.0), (False, 16, 1.0, 0.0), (True, 16, 1.0, 0.0),
+    (True, 14, 0.5, -1024.0), (False, 16, 0.25, -8192.0), (True, 16, 1.7, -3.3),
+])
+def test_stored_to_hu_and_back_is_exact_on_every_stored_value(signed, bits, slope, intercept):
+    ds = _header(BitsStored=bits, BitsAllocated=16, PixelRepresentation=int(signed),
+                 RescaleSlope=slope, RescaleIntercept=intercept)
+    lo, hi = stored_range(ds)
+    stored = np.arange(lo, hi + 1, dtype=np.int32).astype(np.int16 if signed else np.uint16)
+    hu = stored_to_hu(stored, *rescale_of(ds))
+    back, n_clipped = hu_to_stored(hu, ds)
+    assert n_clipped == 0 and back.dtype == stored.dtype
+    assert np.array_equal(back, stored)
+
+
+def test_hu_to_stored_rounds_and_clips_to_bits_stored_not_dtype():
+    ds = _header(BitsStored=12, BitsAllocated=16, PixelRepresentation=1, RescaleSlope=1, RescaleIntercept=-1024)
+    hu = np.array([[-1024.4, -1023.6, 0.5, 1.49, 5000.0, -4000.0]], dtype=np.float32)
+    stored, n_clipped = hu_to_stored(hu, ds)
+    # rounded, never truncated (np.rint: halves to even); clipped at the 12-bit signed range
+    assert stored.tolist() == [[0, 0, 1024, 1025, 2047, -2048]]
+    assert n_clipped == 2
+
+
+def test_missing_rescale_means_identity():
+    assert rescale_of(_header()) == (1.0, 0.0)
+
+
+def test_padding_mask_uses_padding_value_range_and_far_below_air():
+    stored = np.array([[-2000, -1500, 0, 100]], dtype=np.int16)
+    ds = _header(PixelPaddingValue=-1500)
+    hu = stored.astype(np.float32)  # intercept 0
+    assert padding_mask(ds, stored, hu).tolist() == [[True, True, False, False]]
+    stored = np.array([[-2000, -1100, 0, 100, 200]], dtype=np.int16)
+    hu = stored.astype(np.float32)
+    ds = _header(PixelPaddingValue=0, PixelPaddingRangeLimit=100)
+    assert padding_mask(ds, stored, hu).tolist() == [[True, False, True, True, False]]
+
+
+def test_sorting_follows_the_slice_normal_not_file_order_or_instance_number(tmp_path):
+    paths = write_series(tmp_path, SeriesSpec(n_slices=4, gantry_tilt_deg=20.0,
+                                              slice_positions_mm=(7.0, 0.0, 12.0, 1.5)))
+    for path, number in zip(paths, (1, 2, 3, 4)):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = 5 - number  # misleading instance numbers
+        ds.save_as(path)
+    [series] = discover(tmp_path).series
+    z = [pydicom.dcmread(s.path).ImagePositionPatient[2] for s in series.slices]
+    assert z == sorted(z) and len(z) == 4
+
+
+def test_sorting_falls_back_to_instance_number(tmp_path):
+    paths = write_series(tmp_path, SeriesSpec(n_slices=3))
+    for path, number in zip(paths, (3, 1, 2)):
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient
+        ds.InstanceNumber = number
+        ds.save_as(path)
+    [series] = discover(tmp_path).series
+    assert [s.instance_number for s in series.slices] == [1, 2, 3]
+    assert sort_slices(list(reversed(series.slices))) == series.slices
+
+
+def test_files_without_series_uid_group_by_folder_and_geometry(tmp_path):
+    write_series(tmp_path / "a", SeriesSpec(n_slices=2, empty_uids=True))
+    write_series(tmp_path / "b", SeriesSpec(n_slices=3, empty_uids=True))
+    series = discover(tmp_path).series
+    assert sorted(s.n_slices for s in series) == [2, 3]
+    assert all(s.key.startswith("nouid-") and s.series_uid == "" for s in series)
+
+
+def test_several_series_in_one_folder_are_separated(tmp_path):
+    write_mixed_folder(tmp_path, [SeriesSpec(series_description="A", n_slices=2),
+                                  SeriesSpec(series_description="B", n_slices=3)])
+    found = discover(tmp_path)
+    assert sorted((s.description, s.n_slices) for s in found.series) == [("A", 2), ("B", 3)]
+    assert found.skipped == [] and found.failed == []
+
+
+def test_headerless_file_reads_as_implicit_little_endian(tmp_path):
+    [path] = write_series(tmp_path, SeriesSpec(n_slices=1, no_preamble=True))
+    assert path.read_bytes()[128:132] != b"DICM"
+    header, stored = load_slice(path)
+    assert header.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert stored.shape == (64, 64) and "PixelData" not in header
+
+
+def test_undecodable_pixels_name_the_file_and_the_syntax(tmp_path):
+    from tests.synth import write_undecodable
+
+    [path] = write_series(tmp_path, SeriesSpec(n_slices=1))
+    write_undecodable(path, path, kind="unsupported_syntax")
+    with pytest.raises(DicomError) as info:
+        load_slice(path)
+    assert str(path) in str(info.value) and "cannot decode pixel data" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_error_messages_never_hold_patient_tags(tmp_path):
+    from tests.synth import write_truncated
+
+    [path] = write_series(tmp_path, SeriesSpec(n_slices=1))
+    write_truncated(path, path)
+    with pytest.raises(DicomError) as info:
+        load_slice(path)
+    for value in ("Synthetic", "SYN0001", "19700101"):
+        assert value not in str(info.value)
+
+
+def test_output_transfer_syntax_choice():
+    keep = lambda ts: output_transfer_syntax(ts, "keep")
+    assert keep("1.2.840.10008.1.2.5") == "1.2.840.10008.1.2.5"  # RLE
+    assert keep("1.2.840.10008.1.2.4.80") == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    assert keep("1.2.840.10008.1.2.4.90") == "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
+    assert keep("1.2.840.10008.1.2.4.70") == "1.2.840.10008.1.2.4.80"  # JPEG Lossless -> JPEG-LS
+    assert keep("1.2.840.10008.1.2.4.91") == "1.2.840.10008.1.2.1"  # lossy J2K: never re-encode lossy
+    assert keep("1.2.840.10008.1.2.4.81") == "1.2.840.10008.1.2.1"  # JPEG-LS near-lossless
+    assert keep("1.2.840.10008.1.2.2") == "1.2.840.10008.1.2.1"  # big endian (retired)
+    assert output_transfer_syntax("1.2.840.10008.1.2.5", "explicit") == "1.2.840.10008.1.2.1"
+
+
+def test_derivation_uids_are_deterministic_valid_and_depend_on_what_changes_pixels():
+    a = Derivation(model="redcnn", weights_sha256="ab" * 32, processed_time="101010")
+    same = Derivation(model="redcnn", weights_sha256="ab" * 32, processed_time="235959")
+    other_weights = Derivation(model="redcnn", weights_sha256="cd" * 32)
+    other_blend = Derivation(model="redcnn", weights_sha256="ab" * 32, blend=0.3)
+    uid = a.uid("instance", "1.2.3")
+    assert uid == same.uid("instance", "1.2.3")  # the processing time is not part of it
+    assert len({uid, other_weights.uid("instance", "1.2.3"), other_blend.uid("instance", "1.2.3"),
+                a.uid("instance", "1.2.4"), a.uid("series", "1.2.3")}) == 5
+    assert len(uid) <= 64 and all(p.isdigit() and (p == "0" or not p.startswith("0"))
+                                  for p in uid.split("."))
