@@ -24,7 +24,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
 
 bench: install
-	$(BIN)/python -m ldct_cli.bench --out bench-out
+	$(BIN)/python -m benchmarks.bench_denoise --out bench-out
 
 clean:
 	rm -rf $(VENV) bench-out *.egg-info

@@ -73,7 +73,7 @@ def tensors_sha256(state_dict) -> str:
 def save_checkpoint(model, path: Path | str, *, training: dict | None = None,
                     config: dict | None = None) -> CheckpointInfo:
     """Write ``model`` (made by ``create_model``) to ``path`` atomically; return its info."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     for attr in ("ldct_name", "ldct_kwargs", "hu_norm"):
@@ -92,8 +92,11 @@ def save_checkpoint(model, path: Path | str, *, training: dict | None = None,
         path=path,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialized here and written with open(), so the file gets the user's umask
+    # (safetensors' own save_file makes every file 0600).
+    payload = save(state, metadata={"ldct": json.dumps(info.header(), sort_keys=True)})
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"ldct": json.dumps(info.header(), sort_keys=True)})
+        tmp.write_bytes(payload)
     return info
 
 

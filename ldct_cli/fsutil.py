@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +18,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     A crash or an exception leaves no half-written ``final``: readers see the old file
     or the complete new one, never a partial one.
     """
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
+    # Hidden, and unique per process: no reader mistakes it for output, no writer collides.
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+        yield tmp
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -129,11 +129,22 @@ class InlineExecutor(cf.Executor):
         return future
 
 
+def _warm_up() -> None:
+    """Runs once in each new worker: its imports happen while this process loads the model."""
+    import ldct_cli.dicom.write  # noqa: F401  (pydicom, numpy, the decoders)
+
+
 def make_executor(workers: int) -> cf.Executor:
-    """A pool of ``workers`` processes (spawned: no forked torch state), or inline for 0."""
+    """A pool of ``workers`` processes (spawned: no forked torch state), or inline for 0.
+
+    The workers start at once, in the background, rather than on the first slice.
+    """
     if workers == 0:
         return InlineExecutor()
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):
+        pool.submit(_warm_up)
+    return pool
 
 
 def ordered_map(executor: cf.Executor, fn: Callable, items: Iterable, lookahead: int) -> Iterator:
@@ -237,6 +248,8 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
     """
     n = series.n_slices
     destinations = [staging / f"{i + 1:04d}.dcm" for i in range(n)]
+    seen = Counter(s.sop_instance_uid for s in series.slices)
+    unique = [seen[s.sop_instance_uid] == 1 for s in series.slices]
     lookahead = 2 * max(1, options.workers) + (denoiser.batch_size + denoiser.context_slices
                                                if denoiser is not None else 0)
     writes: deque[cf.Future] = deque()
@@ -253,11 +266,13 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
     if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
         for i, s in enumerate(series.slices):
             submit_write(copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
-                                             derivation=derivation, path=destinations[i]))
+                                             derivation=derivation, path=destinations[i],
+                                             unique_source_uid=unique[i]))
     else:
         slices = ordered_map(executor, load_slice, [s.path for s in series.slices], lookahead)
         for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend):
-            uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key, index=i)
+            uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key, index=i,
+                                        unique_source_uid=unique[i])
             submit_write(write_slice, SliceJob(header=header, stored=out_stored, n_clipped=n_clipped,
                                                uids=uids, derivation=derivation, path=destinations[i]))
     while writes:

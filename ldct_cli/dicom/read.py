@@ -126,6 +126,14 @@ def sop_class_of(ds: Dataset) -> str:
     return value
 
 
+def sop_instance_of(ds: Dataset) -> str:
+    """SOP Instance UID, from the dataset or else the file meta."""
+    value = str(ds.get("SOPInstanceUID", "") or "")
+    if not value and getattr(ds, "file_meta", None) is not None:
+        value = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
+    return value
+
+
 def transfer_syntax_of(ds: Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
     value = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
@@ -166,7 +174,7 @@ def read_slice_header(path: Path) -> tuple[SliceHeader, Dataset]:
     number = ds.get("InstanceNumber")
     return SliceHeader(
         path=path,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        sop_instance_uid=sop_instance_of(ds),
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         rows=int(ds.Rows),
         columns=int(ds.Columns),
@@ -177,10 +185,15 @@ def read_slice_header(path: Path) -> tuple[SliceHeader, Dataset]:
     ), ds
 
 
-def _fallback_key(header: SliceHeader) -> str:
-    """A stand-in series key for files with no Series Instance UID: folder + geometry."""
+def _fallback_key(header: SliceHeader, root: Path) -> str:
+    """A stand-in series key for files with no Series Instance UID: folder + geometry.
+
+    The folder is taken relative to the input root, so the key (and the UIDs minted
+    from it) do not depend on where the tree lies or how the user named it.
+    """
     orientation = tuple(round(v, 3) for v in header.orientation) if header.orientation else None
-    text = f"{header.path.parent}|{header.rows}x{header.columns}|{orientation}"
+    folder = header.path.parent.relative_to(root if root.is_dir() else root.parent).as_posix()
+    text = f"{folder}|{header.rows}x{header.columns}|{orientation}"
     return "nouid-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -218,7 +231,7 @@ def discover(root: Path) -> Discovery:
         except DicomError as exc:
             failed.append((path, exc.reason))
             continue
-        key = header.series_uid or _fallback_key(header)
+        key = header.series_uid or _fallback_key(header, root)
         series = grouped.get(key)
         if series is None:
             number = ds.get("SeriesNumber")

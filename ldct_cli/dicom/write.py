@@ -10,6 +10,7 @@ padding, private tags) is kept as it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -25,12 +26,20 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    UID,
     RLELossless,
     generate_uid,
 )
 
 from ldct_cli._version import __version__
-from ldct_cli.dicom.read import CT_IMAGE_STORAGE, load_slice, rescale_of, sop_class_of, transfer_syntax_of
+from ldct_cli.dicom.read import (
+    CT_IMAGE_STORAGE,
+    load_slice,
+    rescale_of,
+    sop_class_of,
+    sop_instance_of,
+    transfer_syntax_of,
+)
 from ldct_cli.fsutil import atomic_path
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
@@ -66,6 +75,7 @@ class Derivation:
     processed_time: str = "000000"  # TM
     tool_version: str = __version__
 
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Everything that changes the output pixels, hashed (not the processing time)."""
         keys = ("model", "weights_sha256", "blend", "precision", "tool_version")
@@ -74,7 +84,7 @@ class Derivation:
 
     def uid(self, *sources: str) -> str:
         """A deterministic UID (<= 64 chars, digits and dots) for an output object."""
-        return generate_uid(entropy_srcs=["ldct-cli", self.fingerprint(), *sources])
+        return generate_uid(entropy_srcs=["ldct-cli", self.fingerprint, *sources])
 
 
 def output_transfer_syntax(source_syntax: str, mode: str) -> str:
@@ -128,12 +138,19 @@ class OutputUIDs:
     frame_of_reference_uid: str  # likewise
 
     @classmethod
-    def for_slice(cls, ds: Dataset, *, derivation: Derivation, series_key: str,
-                  index: int) -> "OutputUIDs":
+    def for_slice(cls, ds: Dataset, *, derivation: Derivation, series_key: str, index: int,
+                  unique_source_uid: bool = True) -> "OutputUIDs":
         """New SOP and Series UIDs from the source's (plus the derivation); study and frame
         of reference kept, or minted from the series key when the source left them empty
-        (the same for every slice and every model, so the outputs still belong together)."""
-        source_sop = str(ds.get("SOPInstanceUID", "") or "") or f"{series_key}/{index}"
+        (the same for every slice and every model, so the outputs still belong together).
+
+        A source SOP Instance UID that is empty, or shared by several files of the series
+        (``unique_source_uid=False``: it happens in real archives), is replaced in the
+        entropy by the slice's place in the series, so output UIDs stay unique.
+        """
+        source_sop = sop_instance_of(ds)
+        if not source_sop or not unique_source_uid:
+            source_sop = f"{series_key}/{index}/{source_sop}"
         study = str(ds.get("StudyInstanceUID", "") or "")
         frame = str(ds.get("FrameOfReferenceUID", "") or "")
         return cls(
@@ -148,7 +165,7 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
                    n_clipped: int) -> Dataset:
     """Turn the source slice ``ds`` (modified in place) into the derived instance holding ``stored``."""
     source_sop_class = sop_class_of(ds) or CT_IMAGE_STORAGE
-    source_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    source_sop_uid = sop_instance_of(ds)
     source_series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     source_syntax = transfer_syntax_of(ds)
 
@@ -160,7 +177,8 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
         ds.FrameOfReferenceUID = uids.frame_of_reference_uid
 
     image_type = [str(v) for v in (ds.get("ImageType") or [])]
-    ds.ImageType = ["DERIVED", "SECONDARY", image_type[2] if len(image_type) > 2 else "AXIAL"]
+    ds.ImageType = ["DERIVED", "SECONDARY", image_type[2] if len(image_type) > 2 else "AXIAL",
+                    *image_type[3:]]  # vendors' further values kept
     number = ds.get("SeriesNumber")
     base_number = int(number) if number not in (None, "") else 0
     ds.SeriesNumber = base_number + derivation.series_number_offset
@@ -177,20 +195,26 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
         if _LOSSY_METHOD[source_syntax] not in methods:
             ds.LossyImageCompressionMethod = methods + [_LOSSY_METHOD[source_syntax]]
 
-    ds.DerivationDescription = (
-        f"Denoised by ldct-cli {derivation.tool_version}: model {derivation.model}, weights sha256 "
-        f"{derivation.weights_sha256[:16]}, blend {derivation.blend:g} of the input, "
-        f"{derivation.precision}; {n_clipped} pixels clipped to the Bits Stored range"
-    )
-    ds.DerivationCodeSequence = Sequence([_code("113087", "Smoothing")])
-    if source_sop_uid:
+    # The source's own derivation (e.g. its lossy compression) is history: append to it.
+    ours = (f"Denoised by ldct-cli {derivation.tool_version}: model {derivation.model}, weights "
+            f"sha256 {derivation.weights_sha256[:16]}, blend {derivation.blend:g} of the input, "
+            f"{derivation.precision}; {n_clipped} pixels clipped to the Bits Stored range")
+    earlier = str(ds.get("DerivationDescription", "") or "").strip()
+    ds.DerivationDescription = (f"{earlier}; {ours}" if earlier else ours)[-1024:]
+    ds.DerivationCodeSequence = Sequence(list(ds.get("DerivationCodeSequence") or [])
+                                         + [_code("113087", "Smoothing")])
+    # References the source made (to raw data, say) are not ours to repeat.
+    for keyword in ("SourceImageSequence", "ReferencedSeriesSequence"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if UID(source_sop_uid).is_valid:  # a malformed source UID cannot be referenced validly
         source = Dataset()
         source.ReferencedSOPClassUID = source_sop_class
         source.ReferencedSOPInstanceUID = source_sop_uid
         source.PurposeOfReferenceCodeSequence = Sequence(
             [_code("121322", "Source image for image processing operation")])
         ds.SourceImageSequence = Sequence([source])
-        if source_series_uid:
+        if UID(source_series_uid).is_valid:
             instance = Dataset()
             instance.ReferencedSOPClassUID = source_sop_class
             instance.ReferencedSOPInstanceUID = source_sop_uid
@@ -278,12 +302,13 @@ class CopyJob:
     index: int
     derivation: Derivation
     path: Path
+    unique_source_uid: bool = True
 
 
 def copy_slice(job: CopyJob) -> int:
     """Read, derive and write one slice entirely in a worker: no pixels cross processes."""
     header, stored = load_slice(job.source)
     uids = OutputUIDs.for_slice(header, derivation=job.derivation, series_key=job.series_key,
-                                index=job.index)
+                                index=job.index, unique_source_uid=job.unique_source_uid)
     return write_slice(SliceJob(header=header, stored=stored, n_clipped=0, uids=uids,
                                 derivation=job.derivation, path=job.path))
