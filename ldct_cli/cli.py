@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# Decoding and encoding scale with cores; beyond 4 the model is the bottleneck anyway.
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def _version(value: bool) -> None:
@@ -37,8 +40,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[Optional[bool], typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Denoise low-dose CT DICOM series with trained generative models.
 
@@ -80,7 +83,7 @@ def denoise(
     overwrite: Annotated[bool, typer.Option(
         help="Write series again even when their output folder is complete.")] = False,
     workers: Annotated[int, typer.Option(
-        help="Processes that decode and encode DICOM beside the model (0: none).")] = 2,
+        help="Processes that decode and encode DICOM beside the model (0: none).")] = DEFAULT_WORKERS,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON summary on stdout (per series: input, output, slices, "
@@ -106,19 +109,22 @@ def denoise(
     """
     from ldct_cli.api import build_denoiser
     from ldct_cli.cli_progress import RichProgress
-    from ldct_cli.pipeline import DenoiseOptions, run_denoise
+    from ldct_cli.pipeline import DenoiseOptions, make_executor, run_denoise
 
     try:
         options = DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax,
                                  series_number_offset=series_number_offset, overwrite=overwrite,
                                  workers=workers)
-        denoiser, derivation = build_denoiser(model=model, weights=weights, device=device,
-                                              batch_size=batch_size, precision=precision, tile=tile,
-                                              options=options)
-        show = not quiet and sys.stderr.isatty()
-        with RichProgress(err, enabled=show) as progress:
-            summary = run_denoise(input_path, output_dir, denoiser=denoiser, derivation=derivation,
-                                  options=options, progress=progress)
+        # Workers start first: they import their libraries while the model loads.
+        with make_executor(options.workers) as executor:
+            denoiser, derivation = build_denoiser(model=model, weights=weights, device=device,
+                                                  batch_size=batch_size, precision=precision,
+                                                  tile=tile, options=options)
+            show = not quiet and sys.stderr.isatty()
+            with RichProgress(err, enabled=show) as progress:
+                summary = run_denoise(input_path, output_dir, denoiser=denoiser,
+                                      derivation=derivation, options=options, progress=progress,
+                                      executor=executor)
     except UsageError as exc:
         raise _fail(str(exc), EXIT_USAGE)
     except LdctError as exc:

@@ -10,9 +10,11 @@ leaves nothing behind, and a rerun skips series whose folder exists.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -134,6 +136,12 @@ def _warm_up() -> None:
     import ldct_cli.dicom.write  # noqa: F401  (pydicom, numpy, the decoders)
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: only the main process handles it (and
+    # removes partial output); workers finish or drop their task quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_executor(workers: int) -> cf.Executor:
     """A pool of ``workers`` processes (spawned: no forked torch state), or inline for 0.
 
@@ -141,7 +149,8 @@ def make_executor(workers: int) -> cf.Executor:
     """
     if workers == 0:
         return InlineExecutor()
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_worker_init)
     for _ in range(workers):
         pool.submit(_warm_up)
     return pool
@@ -263,21 +272,29 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
             clipped += writes.popleft().result()
             progress.slices_done(1)
 
-    if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
-        for i, s in enumerate(series.slices):
-            submit_write(copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
-                                             derivation=derivation, path=destinations[i],
-                                             unique_source_uid=unique[i]))
-    else:
-        slices = ordered_map(executor, load_slice, [s.path for s in series.slices], lookahead)
-        for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend):
-            uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key, index=i,
-                                        unique_source_uid=unique[i])
-            submit_write(write_slice, SliceJob(header=header, stored=out_stored, n_clipped=n_clipped,
-                                               uids=uids, derivation=derivation, path=destinations[i]))
-    while writes:
-        clipped += writes.popleft().result()
-        progress.slices_done(1)
+    try:
+        if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
+            for i, s in enumerate(series.slices):
+                submit_write(copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
+                                                 derivation=derivation, path=destinations[i],
+                                                 unique_source_uid=unique[i]))
+        else:
+            slices = ordered_map(executor, load_slice, [s.path for s in series.slices], lookahead)
+            for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend):
+                uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key,
+                                            index=i, unique_source_uid=unique[i])
+                submit_write(write_slice, SliceJob(header=header, stored=out_stored,
+                                                   n_clipped=n_clipped, uids=uids,
+                                                   derivation=derivation, path=destinations[i]))
+        while writes:
+            clipped += writes.popleft().result()
+            progress.slices_done(1)
+    except BaseException:
+        # No worker may still be writing into the staging folder when it is removed.
+        for future in writes:
+            future.cancel()
+        cf.wait(writes)
+        raise
     return clipped
 
 
@@ -336,11 +353,14 @@ def context_indices(index: int, n_slices: int, context_slices: int) -> list[int]
 
 def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Derivation,
                 options: DenoiseOptions, progress: Progress | None = None,
-                discovery: Discovery | None = None) -> RunSummary:
+                discovery: Discovery | None = None,
+                executor: cf.Executor | None = None) -> RunSummary:
     """Denoise every CT series under ``input_path`` into ``output_dir``.
 
     ``denoiser`` may be None only with ``blend == 1`` (the I/O path alone). One bad
     file or series never stops the others: each failure is recorded in the summary.
+    ``executor``: a pool from ``make_executor`` started earlier (so its workers start
+    while the model loads); by default one is made, and shut down, here.
     """
     input_path, output_dir = Path(input_path), Path(output_dir)
     check_paths(input_path, output_dir)
@@ -350,7 +370,7 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
     found = discovery or discover(input_path)
     summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
                          failed_files=[(str(p), r) for p, r in found.failed])
-    with make_executor(options.workers) as executor:
+    with contextlib.nullcontext(executor) if executor else make_executor(options.workers) as executor:
         for series in found.series:
             final = output_folder(series, input_path, output_dir, derivation,
                                   derivation.uid("series", series.key))

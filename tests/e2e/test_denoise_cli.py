@@ -110,6 +110,19 @@ def test_blend_one_gives_back_stored_values_exactly(round_trip, case):
         assert b.PixelRepresentation == a.PixelRepresentation and b.BitsStored == a.BitsStored
 
 
+@pytest.mark.parametrize("case", list(ROUND_TRIP_CASES))
+def test_dicom3tools_find_no_new_error_in_any_case(round_trip, case):
+    """dciodvfy: no error the source did not have; dcentvfy: the output series is consistent."""
+    from tests.dicomcheck import dcentvfy_errors, new_errors
+
+    src, out, summary = round_trip
+    [entry] = [s for s in summary["series"] if Path(s["input"]).name == case]
+    outputs = _series_files(Path(entry["output"]))
+    inputs = sorted((src / case).glob("*.dcm"))
+    assert new_errors(inputs[0], outputs[0]) == set()
+    assert dcentvfy_errors(outputs) == []
+
+
 def test_output_follows_every_derived_series_rule(tmp_path, cli, checkpoints):
     """DICOM.md: must change, should add, must keep; checked on every output slice."""
     spec = SeriesSpec(n_slices=3, pixel_padding_value=-2000, bits_stored=16, intercept=0)
@@ -507,3 +520,25 @@ def test_help_and_version(cli):
     from ldct_cli import list_models
 
     assert [m["name"] for m in listed] == list_models()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_signal_mid_series_removes_partial_output(tmp_path, checkpoints, signal_name):
+    """A real `ldct` process, stopped while writing a series: no partial series remains."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=40))
+    command = [sys.executable, "-m", "ldct_cli", "denoise", str(tmp_path / "in"), str(tmp_path / "out"),
+               "--weights", str(checkpoints["redcnn"]), "--batch-size", "1", "--quiet"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("out/.ldct-partial-*/0001.dcm")):
+        assert process.poll() is None and time.monotonic() < deadline, "never started writing"
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert list((tmp_path / "out").rglob("*")) == [], stderr
