@@ -17,6 +17,7 @@ class RichProgress:
                              TimeRemainingColumn(), console=console, transient=True,
                              disable=not enabled)
         self._task = None
+        self._run = None
 
     def __enter__(self) -> "RichProgress":
         self._bar.__enter__()
@@ -24,6 +25,9 @@ class RichProgress:
 
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
+
+    def run_started(self, n_series: int) -> None:
+        self._run = self._bar.add_task("series", total=n_series)
 
     def series_started(self, series, output: Path) -> None:
         self._task = self._bar.add_task(f"{series.folder.name} -> {output.name}", total=series.n_slices)
@@ -36,6 +40,8 @@ class RichProgress:
         if self._task is not None:
             self._bar.remove_task(self._task)
             self._task = None
+        if self._run is not None:
+            self._bar.advance(self._run, 1)
         if self.enabled and result.status == "done":
             self._bar.console.print(f"wrote {result.slices} slices to {result.output} "
                                     f"({result.seconds:.1f} s)", markup=False, highlight=False)

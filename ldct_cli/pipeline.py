@@ -103,12 +103,16 @@ class RunSummary:
 class Progress(Protocol):
     """What the pipeline reports as it goes (the CLI draws it; the library never prints)."""
 
+    def run_started(self, n_series: int) -> None: ...
     def series_started(self, series: Series, output: Path) -> None: ...
     def slices_done(self, n: int) -> None: ...
     def series_finished(self, result: SeriesResult) -> None: ...
 
 
 class NoProgress:
+    def run_started(self, n_series: int) -> None:
+        pass
+
     def series_started(self, series: Series, output: Path) -> None:
         pass
 
@@ -370,6 +374,7 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
     found = discovery or discover(input_path)
     summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
                          failed_files=[(str(p), r) for p, r in found.failed])
+    progress.run_started(len(found.series))
     with contextlib.nullcontext(executor) if executor else make_executor(options.workers) as executor:
         for series in found.series:
             final = output_folder(series, input_path, output_dir, derivation,
