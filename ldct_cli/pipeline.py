@@ -224,7 +224,7 @@ def _finish_series(staging: Path, final: Path, overwrite: bool) -> None:
         os.replace(staging, final)
 
 
-def denoise_series(series: Series, final: Path, *, denoiser, derivation: Derivation,
+def process_series(series: Series, final: Path, *, denoiser, derivation: Derivation,
                    options: DenoiseOptions, executor: cf.Executor,
                    progress: Progress | None = None) -> SeriesResult:
     """Denoise one discovered series into the folder ``final``; never raises for bad data."""
@@ -241,9 +241,15 @@ def denoise_series(series: Series, final: Path, *, denoiser, derivation: Derivat
         result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
                                         options=options, executor=executor, progress=progress)
         _finish_series(staging, final, options.overwrite)
-    except (LdctError, OSError) as exc:
+    except Exception as exc:  # one bad series never stops the others
         result.status, result.output = "failed", None
-        result.error = str(exc) if isinstance(exc, LdctError) else f"{final}: cannot write ({exc})"
+        if isinstance(exc, LdctError):
+            result.error = str(exc)
+        elif isinstance(exc, OSError):
+            result.error = f"{final}: cannot write ({exc})"
+        else:  # a case nobody foresaw: still one line, naming the series
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            result.error = f"{series.folder}: unexpected {type(exc).__name__}: {detail}"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.seconds = round(time.perf_counter() - start, 3)
@@ -386,7 +392,7 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
                     status="skipped", error="already complete (use --overwrite to write it again)"))
                 progress.series_finished(summary.series[-1])
                 continue
-            result = denoise_series(series, final, denoiser=denoiser, derivation=derivation,
+            result = process_series(series, final, denoiser=denoiser, derivation=derivation,
                                     options=options, executor=executor, progress=progress)
             if result.status == "failed":
                 _prune_empty_folders(final.parent, stop=output_dir)

@@ -157,6 +157,8 @@ def check_ct_image(ds: Dataset, path: Path) -> None:
         raise NotCTError(path, "localizer (scout) image")
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
         raise NotCTError(path, "not a single-frame grayscale image")
+    if int(ds.get("BitsAllocated", 16)) != 16:  # the CT Image module allows only 16
+        raise DicomError(path, f"Bits Allocated {ds.BitsAllocated} (a CT image has 16)")
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:

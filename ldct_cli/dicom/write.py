@@ -114,9 +114,7 @@ def hu_to_stored(image_hu: np.ndarray, ds: Dataset) -> tuple[np.ndarray, int]:
     np.rint(values, out=values)
     lo, hi = stored_range(ds)
     n_clipped = int(np.count_nonzero(values < lo)) + int(np.count_nonzero(values > hi))
-    dtype = np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16
-    if int(ds.BitsAllocated) != 16:
-        dtype = np.int32 if int(ds.PixelRepresentation) == 1 else np.uint32
+    dtype = np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16  # CT: Bits Allocated 16
     return np.clip(values, lo, hi).astype(dtype), n_clipped
 
 
