@@ -34,8 +34,8 @@ def resolve_weights(*, model: str | None, weights: Path | str | None) -> Path:
         raise UsageError("name a model: --model NAME (bundled weights) or --weights CHECKPOINT")
     bundled = bundled_checkpoint(model)
     if bundled is None:
-        raise UsageError(f"no bundled weights for {model!r} yet: train with `ldct train` and pass "
-                         "--weights RUN_DIR (or a checkpoint file)")
+        raise UsageError(f"no bundled weights for {model!r} yet: pass --weights with a checkpoint "
+                         "file (.safetensors) or a training run folder")
     return bundled
 
 
