@@ -239,7 +239,11 @@ def main() -> None:
                          for k in range(3)), key=lambda r: r["slices_per_s"])
         io = max((_run_child("denoise", str(io_weights), str(series), str(work / f"io_{label}_{k}"), dev,
                              bs, "1", workers) for k in range(3)), key=lambda r: r["slices_per_s"])
+        # The same with one worker: how the I/O path scales with worker processes.
+        io_one = max((_run_child("denoise", str(io_weights), str(series), str(work / f"io1_{label}_{k}"),
+                                 dev, bs, "1", "1") for k in range(3)), key=lambda r: r["slices_per_s"])
         results["io"][label] = {"plain": plain, "plain_one_core": plain_one, "ldct": io,
+                                "ldct_one_worker": io_one,
                                 "speedup": io["slices_per_s"] / plain["slices_per_s"],
                                 "speedup_one_core": io["slices_per_s"] / plain_one["slices_per_s"]}
         print(f"I/O path ({label} input): ldct {io['slices_per_s']:.0f} slices/s vs plain loop "
@@ -278,11 +282,13 @@ def render_table(results: dict) -> str:
         lines.append(f"| {name} | {e2e['slices']} | {r['forward']['slices_per_s']:.2f} | "
                      f"{e2e['slices_per_s']:.2f} | {r['ratio']:.0%} | {memory} |")
     lines += ["", "| I/O path (`--blend 1`, best of 3) | slices | plain pydicom loop (slices/s) | "
-              "same loop on one core | ldct (slices/s) | speed-up vs loop / vs loop on one core |",
-              "|---|---|---|---|---|---|"]
+              "same loop on one core | ldct, 1 worker | ldct, N workers (slices/s) | "
+              "speed-up vs loop / vs loop on one core |",
+              "|---|---|---|---|---|---|---|"]
     for label, r in results["io"].items():
         lines.append(f"| {label} input | {r['ldct']['slices']} | {r['plain']['slices_per_s']:.0f} | "
-                     f"{r['plain_one_core']['slices_per_s']:.0f} | {r['ldct']['slices_per_s']:.0f} | "
+                     f"{r['plain_one_core']['slices_per_s']:.0f} | "
+                     f"{r['ldct_one_worker']['slices_per_s']:.0f} | {r['ldct']['slices_per_s']:.0f} | "
                      f"{r['speedup']:.2f}x / {r['speedup_one_core']:.2f}x |")
     lines += ["", "| memory (end to end) | slices | peak RSS main (MB) | peak RSS largest worker (MB) |",
               "|---|---|---|---|"]
