@@ -60,10 +60,11 @@ def build_denoiser(*, model: str | None = None, weights: Path | str | None = Non
                             batch_size=batch_size, tile=tile)
         used_precision = denoiser.precision
     date, time = now_for_dicom()
-    derivation = Derivation(model=info.model, weights_sha256=info.tensors_sha256, blend=options.blend,
-                            precision=used_precision, transfer_syntax=options.transfer_syntax,
-                            series_number_offset=options.series_number_offset,
-                            processed_date=date, processed_time=time)
+    derivation = Derivation.denoising(model=info.model, weights_sha256=info.tensors_sha256,
+                                      blend=options.blend, precision=used_precision,
+                                      transfer_syntax=options.transfer_syntax,
+                                      series_number_offset=options.series_number_offset,
+                                      processed_date=date, processed_time=time)
     return denoiser, derivation
 
 

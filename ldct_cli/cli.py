@@ -143,7 +143,8 @@ def denoise(
     n_failed = sum(r.status == "failed" for r in summary.series) + len(summary.failed_files)
     if json_out:
         payload = {"version": __version__, "input": str(input_path), "output": str(output_dir),
-                   "model": derivation.model, "weights_sha256": derivation.weights_sha256,
+                   "model": derivation.setting("model"),
+                   "weights_sha256": derivation.setting("weights_sha256"),
                    **summary.to_json()}
         typer.echo(json.dumps(payload, indent=2))
     elif not quiet:

@@ -136,8 +136,12 @@ class Denoiser:
             outputs.append(y.float().cpu())
         return torch.cat(outputs)[..., :h, :w]
 
-    def __call__(self, stack_hu: np.ndarray) -> np.ndarray:
-        """Denoise (B, k, H, W) HU stacks (k = ``context_slices``) into (B, H, W) HU."""
+    def __call__(self, stack_hu: np.ndarray, *, pixel_mm: float | None = None) -> np.ndarray:
+        """Denoise (B, k, H, W) HU stacks (k = ``context_slices``) into (B, H, W) HU.
+
+        ``pixel_mm`` is accepted for the pipeline's sake and unused: the networks work in
+        pixels, as they were trained.
+        """
         if stack_hu.ndim != 4 or stack_hu.shape[1] != self.context_slices:
             raise ValueError(f"expected (B, {self.context_slices}, H, W), got {stack_hu.shape}")
         x = torch.from_numpy(np.ascontiguousarray(self.hu_norm.to_model(stack_hu), dtype=np.float32))

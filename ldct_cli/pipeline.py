@@ -209,7 +209,7 @@ def output_folder(series: Series, input_path: Path, output_dir: Path, derivation
     label = safe_name(f"S{series.number if series.number is not None else 0}_{series.description}",
                       max_len=40)
     tag = series_uid.rsplit(".", 1)[-1][-8:]
-    return output_dir.joinpath(*parts, f"{label}_{safe_name(derivation.model)}_{tag}")
+    return output_dir.joinpath(*parts, f"{label}_{safe_name(derivation.label)}_{tag}")
 
 
 def _finish_series(staging: Path, final: Path, overwrite: bool) -> None:
@@ -326,7 +326,7 @@ def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
             center = loaded[i][2]
             stacks.append(np.stack([loaded[j][2] if loaded[j][2].shape == center.shape else center
                                     for j in context_indices(i, n, denoiser.context_slices)]))
-        denoised = denoiser(np.stack(stacks))
+        denoised = denoiser(np.stack(stacks), pixel_mm=pixel_spacing_mm(loaded[batch[0]][0]))
         for row, i in enumerate(batch):
             header, stored, image_hu = loaded[i]
             out_hu = denoised[row] if blend == 0 else (1.0 - blend) * denoised[row] + blend * image_hu
@@ -353,6 +353,15 @@ def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
                 del loaded[old]
     if batch:
         yield from flush()
+
+
+def pixel_spacing_mm(header) -> float | None:
+    """The row spacing of a slice in mm (square pixels assumed), or None when absent."""
+    spacing = header.get("PixelSpacing")
+    try:
+        return float(spacing[0])
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def context_indices(index: int, n_slices: int, context_slices: int) -> list[int]:

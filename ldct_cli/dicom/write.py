@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,23 +63,38 @@ TRANSFER_SYNTAX_CHOICES = ("explicit", "keep")
 
 @dataclass(frozen=True)
 class Derivation:
-    """What made a derived series. Its fingerprint seeds the output UIDs: same inputs, same UIDs."""
+    """What made a derived series (denoising, simulated dose), written into every slice.
 
-    model: str
-    weights_sha256: str
-    blend: float = 0.0
-    precision: str = "fp32"
+    ``settings`` hold everything that changes the output pixels; hashed, they seed the
+    output UIDs, so the same input and settings give the same UIDs on every rerun and
+    other settings give other UIDs. The processing time is not part of them.
+    """
+
+    label: str  # short: "[ldct LABEL]" in the Series Description, and the output folder name
+    description: str  # Derivation Description (the clipped-pixel count is appended)
+    settings: tuple[tuple[str, str], ...]
+    code: tuple[str, str] | None = ("113087", "Smoothing")  # Derivation Code (CID 7203), if any
     transfer_syntax: str = "explicit"  # or "keep"
     series_number_offset: int = 1000
     processed_date: str = "19700101"  # DA, the same for every slice of a run
     processed_time: str = "000000"  # TM
     tool_version: str = __version__
 
+    @classmethod
+    def denoising(cls, *, model: str, weights_sha256: str, blend: float = 0.0,
+                  precision: str = "fp32", **common) -> "Derivation":
+        description = (f"Denoised by ldct-cli {common.get('tool_version', __version__)}: model {model}, "
+                       f"weights sha256 {weights_sha256[:16]}, blend {blend:g} of the input, {precision}")
+        settings = (("kind", "denoise"), ("model", model), ("weights_sha256", weights_sha256),
+                    ("blend", repr(float(blend))), ("precision", precision))
+        return cls(label=model, description=description, settings=settings, **common)
+
+    def setting(self, key: str) -> str:
+        return dict(self.settings)[key]
+
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Everything that changes the output pixels, hashed (not the processing time)."""
-        keys = ("model", "weights_sha256", "blend", "precision", "tool_version")
-        payload = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+        payload = json.dumps([list(self.settings), self.tool_version])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def uid(self, *sources: str) -> str:
@@ -180,7 +195,7 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
     number = ds.get("SeriesNumber")
     base_number = int(number) if number not in (None, "") else 0
     ds.SeriesNumber = base_number + derivation.series_number_offset
-    suffix = f" [ldct {derivation.model}]"
+    suffix = f" [ldct {derivation.label}]"
     description = str(ds.get("SeriesDescription", "") or "")
     ds.SeriesDescription = (description[: 64 - len(suffix)] + suffix).strip()
     ds.InstanceCreationDate = ds.ContentDate = derivation.processed_date
@@ -194,13 +209,12 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
             ds.LossyImageCompressionMethod = methods + [_LOSSY_METHOD[source_syntax]]
 
     # The source's own derivation (e.g. its lossy compression) is history: append to it.
-    ours = (f"Denoised by ldct-cli {derivation.tool_version}: model {derivation.model}, weights "
-            f"sha256 {derivation.weights_sha256[:16]}, blend {derivation.blend:g} of the input, "
-            f"{derivation.precision}; {n_clipped} pixels clipped to the Bits Stored range")
+    ours = f"{derivation.description}; {n_clipped} pixels clipped to the Bits Stored range"
     earlier = str(ds.get("DerivationDescription", "") or "").strip()
     ds.DerivationDescription = (f"{earlier}; {ours}" if earlier else ours)[-1024:]
-    ds.DerivationCodeSequence = Sequence(list(ds.get("DerivationCodeSequence") or [])
-                                         + [_code("113087", "Smoothing")])
+    if derivation.code is not None:
+        ds.DerivationCodeSequence = Sequence(list(ds.get("DerivationCodeSequence") or [])
+                                             + [_code(*derivation.code)])
     # References the source made (to raw data, say) are not ours to repeat.
     for keyword in ("SourceImageSequence", "ReferencedSeriesSequence"):
         if keyword in ds:
@@ -224,7 +238,7 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
     equipment.Manufacturer = "ldct-cli"
     equipment.SoftwareVersions = derivation.tool_version
     equipment.ContributionDateTime = derivation.processed_date + derivation.processed_time
-    equipment.ContributionDescription = f"Low-dose CT denoising ({derivation.model})"
+    equipment.ContributionDescription = derivation.description[:64]
     equipment.PurposeOfReferenceCodeSequence = Sequence([_code("109102", "Processing Equipment")])
     ds.ContributingEquipmentSequence = Sequence(list(ds.get("ContributingEquipmentSequence") or [])
                                                 + [equipment])

@@ -143,10 +143,10 @@ def test_output_transfer_syntax_choice():
 
 
 def test_derivation_uids_are_deterministic_valid_and_depend_on_what_changes_pixels():
-    a = Derivation(model="redcnn", weights_sha256="ab" * 32, processed_time="101010")
-    same = Derivation(model="redcnn", weights_sha256="ab" * 32, processed_time="235959")
-    other_weights = Derivation(model="redcnn", weights_sha256="cd" * 32)
-    other_blend = Derivation(model="redcnn", weights_sha256="ab" * 32, blend=0.3)
+    a = Derivation.denoising(model="redcnn", weights_sha256="ab" * 32, processed_time="101010")
+    same = Derivation.denoising(model="redcnn", weights_sha256="ab" * 32, processed_time="235959")
+    other_weights = Derivation.denoising(model="redcnn", weights_sha256="cd" * 32)
+    other_blend = Derivation.denoising(model="redcnn", weights_sha256="ab" * 32, blend=0.3)
     uid = a.uid("instance", "1.2.3")
     assert uid == same.uid("instance", "1.2.3")  # the processing time is not part of it
     assert len({uid, other_weights.uid("instance", "1.2.3"), other_blend.uid("instance", "1.2.3"),
