@@ -108,22 +108,34 @@ def denoise(
       ldct denoise big.dcm out/ --weights redcnn.safetensors --tile 256 --json
     """
     from ldct_cli.api import build_denoiser
+    from ldct_cli.pipeline import DenoiseOptions
+
+    def build(options):
+        return build_denoiser(model=model, weights=weights, device=device, batch_size=batch_size,
+                              precision=precision, tile=tile, options=options)
+
+    _run_pipeline(input_path, output_dir, build=build, quiet=quiet, json_out=json_out,
+                  options=lambda: DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax,
+                                                 series_number_offset=series_number_offset,
+                                                 overwrite=overwrite, workers=workers))
+
+
+def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: bool,
+                  json_out: bool) -> None:
+    """What `denoise` and `simulate` share: start the workers, build the image transform
+    (a model or the dose simulator) meanwhile, stream every series, report, exit."""
     from ldct_cli.cli_progress import RichProgress
-    from ldct_cli.pipeline import DenoiseOptions, make_executor, run_denoise
+    from ldct_cli.pipeline import make_executor, run_denoise
 
     try:
-        options = DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax,
-                                 series_number_offset=series_number_offset, overwrite=overwrite,
-                                 workers=workers)
+        opts = options()
         # Workers start first: they import their libraries while the model loads.
-        with make_executor(options.workers) as executor:
-            denoiser, derivation = build_denoiser(model=model, weights=weights, device=device,
-                                                  batch_size=batch_size, precision=precision,
-                                                  tile=tile, options=options)
+        with make_executor(opts.workers) as executor:
+            transform, derivation = build(opts)
             show = not quiet and sys.stderr.isatty()
             with RichProgress(err, enabled=show) as progress:
-                summary = run_denoise(input_path, output_dir, denoiser=denoiser,
-                                      derivation=derivation, options=options, progress=progress,
+                summary = run_denoise(input_path, output_dir, denoiser=transform,
+                                      derivation=derivation, options=opts, progress=progress,
                                       executor=executor)
     except UsageError as exc:
         raise _fail(str(exc), EXIT_USAGE)
@@ -143,9 +155,7 @@ def denoise(
     n_failed = sum(r.status == "failed" for r in summary.series) + len(summary.failed_files)
     if json_out:
         payload = {"version": __version__, "input": str(input_path), "output": str(output_dir),
-                   "model": derivation.setting("model"),
-                   "weights_sha256": derivation.setting("weights_sha256"),
-                   **summary.to_json()}
+                   **dict(derivation.settings), **summary.to_json()}
         typer.echo(json.dumps(payload, indent=2))
     elif not quiet:
         err.print(f"{done} series written to {output_dir}, "

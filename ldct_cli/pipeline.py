@@ -13,7 +13,6 @@ import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
-import shutil
 import signal
 import time
 from collections import Counter, deque
@@ -37,9 +36,7 @@ from ldct_cli.dicom.write import (
     write_slice,
 )
 from ldct_cli.errors import LdctError, UsageError
-from ldct_cli.fsutil import is_within, safe_name
-
-STAGING_PREFIX = ".ldct-partial-"
+from ldct_cli.fsutil import STAGING_PREFIX, is_within, safe_name, staged_folder
 
 
 @dataclass(frozen=True)
@@ -212,18 +209,6 @@ def output_folder(series: Series, input_path: Path, output_dir: Path, derivation
     return output_dir.joinpath(*parts, f"{label}_{safe_name(derivation.label)}_{tag}")
 
 
-def _finish_series(staging: Path, final: Path, overwrite: bool) -> None:
-    """Move a complete staging folder into place (replacing an old one with --overwrite)."""
-    if final.exists() and overwrite:
-        trash = final.with_name(STAGING_PREFIX + "old-" + final.name)
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-
-
 def process_series(series: Series, final: Path, *, denoiser, derivation: Derivation,
                    options: DenoiseOptions, executor: cf.Executor,
                    progress: Progress | None = None) -> SeriesResult:
@@ -234,13 +219,10 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
                           output_series_uid=series_uid, slices=series.n_slices, status="done")
     start = time.perf_counter()
     progress.series_started(series, final)
-    staging = final.with_name(STAGING_PREFIX + final.name)
     try:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
-        staging.mkdir(parents=True)
-        result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
-                                        options=options, executor=executor, progress=progress)
-        _finish_series(staging, final, options.overwrite)
+        with staged_folder(final, overwrite=options.overwrite) as staging:
+            result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
+                                            options=options, executor=executor, progress=progress)
     except Exception as exc:  # one bad series never stops the others
         result.status, result.output = "failed", None
         if isinstance(exc, LdctError):
@@ -250,8 +232,6 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
         else:  # a case nobody foresaw: still one line, naming the series
             detail = (str(exc).strip().splitlines() or [""])[0]
             result.error = f"{series.folder}: unexpected {type(exc).__name__}: {detail}"
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     result.seconds = round(time.perf_counter() - start, 3)
     progress.series_finished(result)
     return result

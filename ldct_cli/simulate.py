@@ -1,0 +1,129 @@
+"""Simulated low dose for full-dose series (``ldct simulate``) and synthetic phantoms (``ldct phantom``).
+
+The physics (projection-domain noise insertion) lives in ``ldct_cli.physics``; this module
+turns it into derived DICOM series through the same streaming pipeline as ``denoise``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldct_cli.dicom.write import Derivation
+from ldct_cli.errors import UsageError
+from ldct_cli.pipeline import DenoiseOptions, RunSummary, now_for_dicom, run_denoise
+
+
+def dose_label(dose: float) -> str:
+    """'dose25' for 0.25: short, safe in folder names and Series Descriptions."""
+    return f"dose{dose * 100:g}".replace(".", "p")
+
+
+def simulation_derivation(*, dose: float, i0: float, electronic_noise: float, seed: int,
+                          n_views: int, options: DenoiseOptions) -> Derivation:
+    """The derivation written into simulated series (no CID 7203 code fits noise insertion)."""
+    from ldct_cli._version import __version__
+
+    date, time = now_for_dicom()
+    description = (f"Simulated {dose * 100:g}% dose by ldct-cli {__version__}: projection-domain "
+                   f"noise insertion, I0 {i0:.3g} photons/ray at full dose, electronic noise "
+                   f"{electronic_noise:g}, parallel beam {n_views} views, seed {seed}")
+    settings = (("kind", "simulate"), ("dose", repr(float(dose))), ("i0", repr(float(i0))),
+                ("electronic_noise", repr(float(electronic_noise))), ("seed", str(seed)),
+                ("n_views", str(n_views)))
+    return Derivation(label=dose_label(dose), description=description, settings=settings, code=None,
+                      transfer_syntax=options.transfer_syntax,
+                      series_number_offset=options.series_number_offset,
+                      processed_date=date, processed_time=time)
+
+
+def build_simulator(*, dose: float, i0: float | None = None, electronic_noise: float = 0.0,
+                    seed: int = 0, n_views: int = 720, device: str = "auto", batch_size: int = 4,
+                    options: DenoiseOptions = DenoiseOptions()):
+    """Return ``(LowDoseSimulator, Derivation)`` for the pipeline; options checked first."""
+    if not 0.0 < dose < 1.0:
+        raise UsageError(f"--dose {dose}: must be a fraction of the full dose, between 0 and 1 (e.g. 0.25)")
+    if electronic_noise < 0:
+        raise UsageError("--electronic-noise must be 0 or more")
+    if n_views < 16:
+        raise UsageError("--views must be at least 16")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    from ldct_cli.inference import resolve_device
+    from ldct_cli.physics.lowdose import DEFAULT_I0, LowDoseSimulator
+
+    i0 = DEFAULT_I0 if i0 is None else i0
+    if i0 <= 0:
+        raise UsageError("--i0 must be positive")
+    simulator = LowDoseSimulator(dose=dose, i0=i0, electronic_noise=electronic_noise, seed=seed,
+                                 n_views=n_views, device=resolve_device(device), batch_size=batch_size)
+    return simulator, simulation_derivation(dose=dose, i0=i0, electronic_noise=electronic_noise,
+                                            seed=seed, n_views=n_views, options=options)
+
+
+def simulate(input_path: Path | str, output_dir: Path | str, *, dose: float,
+             i0: float | None = None, electronic_noise: float = 0.0, seed: int = 0,
+             n_views: int = 720, device: str = "auto", batch_size: int = 4,
+             options: DenoiseOptions = DenoiseOptions()) -> RunSummary:
+    """Write a simulated ``dose`` series for every CT series under ``input_path``."""
+    simulator, derivation = build_simulator(dose=dose, i0=i0, electronic_noise=electronic_noise,
+                                            seed=seed, n_views=n_views, device=device,
+                                            batch_size=batch_size, options=options)
+    return run_denoise(Path(input_path), Path(output_dir), denoiser=simulator, derivation=derivation,
+                       options=options)
+
+
+@dataclass(frozen=True)
+class PhantomResult:
+    full_dose: Path
+    low_dose: Path | None
+    slices: int
+
+
+def make_phantom(output_dir: Path | str, *, n_slices: int = 32, size: int = 512, seed: int = 0,
+                 pixel_mm: float = 0.7, slice_mm: float = 3.0, dose: float | None = None,
+                 i0: float | None = None, device: str = "auto",
+                 options: DenoiseOptions = DenoiseOptions()) -> PhantomResult:
+    """Write a synthetic abdominal CT series to ``output_dir/full_dose`` and, with ``dose``,
+    its simulated low-dose partner under ``output_dir/<dose label>``.
+
+    The full-dose series itself carries quantum noise (a full-dose simulation from the
+    noiseless phantom), so the pair looks like a real full-/low-dose pair.
+    """
+    from ldct_cli.dicom.create import NewSeries, write_new_series
+    from ldct_cli.fsutil import staged_folder
+    from ldct_cli.phantom import PhantomSpec, phantom_volume
+
+    if n_slices < 1 or size < 32:
+        raise UsageError("--slices must be at least 1 and --size at least 32")
+    output_dir = Path(output_dir)
+    spec = PhantomSpec(size=size, n_slices=n_slices, pixel_mm=pixel_mm, slice_mm=slice_mm, seed=seed)
+    full = output_dir / "full_dose"
+    if full.exists() and not options.overwrite:
+        raise UsageError(f"{full}: exists already (use --overwrite to replace it)")
+    volume = phantom_volume(spec)
+    volume = _full_dose_noise(volume, pixel_mm=pixel_mm, seed=seed, device=device)
+    series = NewSeries(key=f"phantom|{spec}", pixel_mm=pixel_mm, slice_mm=slice_mm,
+                       description=f"PHANTOM ABDOMEN {slice_mm:g}mm", patient_id=f"LDCT-PHANTOM-{seed}")
+    with staged_folder(full, overwrite=options.overwrite) as staging:
+        write_new_series(volume, staging, series)
+    low = None
+    if dose is not None:
+        low_root = output_dir / dose_label(dose)
+        summary = simulate(full, low_root, dose=dose, i0=i0, seed=seed, device=device, options=options)
+        if summary.exit_code != 0:
+            raise UsageError(f"{low_root}: simulation failed: {summary.series[0].error if summary.series else ''}")
+        low = Path(summary.series[0].output)
+    return PhantomResult(full_dose=full, low_dose=low, slices=n_slices)
+
+
+def _full_dose_noise(volume_hu, *, pixel_mm: float, seed: int, device: str):
+    """Give a noiseless phantom the quantum noise of a full-dose scan."""
+    import numpy as np
+
+    from ldct_cli.inference import resolve_device
+    from ldct_cli.physics.lowdose import DEFAULT_I0, full_dose_from_noiseless
+
+    out = full_dose_from_noiseless(volume_hu[:, None].astype(np.float32), i0=DEFAULT_I0, seed=seed,
+                                   pixel_mm=pixel_mm, device=resolve_device(device))
+    return out
