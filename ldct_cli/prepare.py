@@ -1,0 +1,347 @@
+"""``ldct prepare``: DICOM folders -> a training dataset of paired low/full-dose HU slices.
+
+Layout of a dataset folder::
+
+    manifest.json               cases, geometry, sources, split, patch settings, provenance
+    cases/<case>/full.npy       int16 HU, (slices, H, W), memory-mappable
+    cases/<case>/low.npy        the matching low-dose slices, same shape
+
+Slices are paired by position along the slice normal, never by file name. HU come
+from the rescale tags; padding pixels become air (-1000 HU). The split is by case
+(patient), or, for few cases, by contiguous blocks of slices along z.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ldct_cli._version import __version__
+from ldct_cli.dicom.read import Series, discover, load_slice, padding_mask, rescale_of, slice_normal, stored_to_hu
+from ldct_cli.errors import LdctError, UsageError
+from ldct_cli.fsutil import safe_name, staged_folder
+
+FORMAT = "ldct-dataset"
+FORMAT_VERSION = 1
+AIR_HU = -1000
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """How the trainer samples patches (seed 000 §5.3.5; WGAN-VGG's code rejects air patches)."""
+
+    patch_size: int = 64
+    patches_per_slice: int = 16
+    body_threshold_hu: float = -500.0  # a pixel above this is body, not air or background
+    min_body_fraction: float = 0.5  # patches with less body than this are rejected
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """Deterministic split into train/val/test: by case, or by contiguous blocks along z."""
+
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    by: str = "case"  # or "block"
+    seed: int = 0
+    gap: int = 4  # slices dropped between blocks (neighbouring slices look alike)
+
+    def __post_init__(self):
+        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise UsageError(f"--split {','.join(map(str, self.fractions))}: three fractions that sum to 1")
+        if self.by not in ("case", "block"):
+            raise UsageError(f"--split-by {self.by!r}: expected case or block")
+        if self.gap < 0:
+            raise UsageError("--gap must be 0 or more")
+
+
+@dataclass
+class CaseSource:
+    """One case to prepare: its full-dose series and where its low dose comes from."""
+
+    case_id: str
+    full: Series
+    low: Series | None  # None: simulated
+
+
+@dataclass
+class CaseRecord:
+    """What the manifest says of one prepared case."""
+
+    id: str
+    slices: int
+    rows: int
+    columns: int
+    pixel_mm: float
+    slice_mm: float
+    z_mm: list[float]
+    full_series_uid: str
+    low_series_uid: str | None
+    full_source: str
+    low_source: str | None
+
+
+class PrepareError(LdctError):
+    """Inputs that cannot make a dataset (mismatched pairs, missing series)."""
+
+
+def _single_series(folder: Path, role: str) -> Series:
+    found = discover(folder)
+    if len(found.series) != 1:
+        raise UsageError(f"{folder}: --{role} must hold exactly one CT series, found {len(found.series)}")
+    return found.series[0]
+
+
+def case_id_for(series: Series, label: str) -> str:
+    """A stable case id: a sanitized label plus a hash of the series identity (no patient tags)."""
+    digest = hashlib.sha256(series.key.encode()).hexdigest()[:8]
+    return f"{safe_name(label, max_len=24)}_{digest}"
+
+
+def paired_sources(low: Path, full: Path) -> list[CaseSource]:
+    """``--low DIR --full DIR``: one case, one series in each folder."""
+    full_series, low_series = _single_series(full, "full"), _single_series(low, "low")
+    return [CaseSource(case_id=case_id_for(full_series, full.name), full=full_series, low=low_series)]
+
+
+def mayo_sources(root: Path, *, low_pattern: str = "*quarter*", full_pattern: str = "*full*") -> list[CaseSource]:
+    """A Mayo/AAPM-style root: one folder per patient, holding a low- and a full-dose series.
+
+    A series is low (or full) dose when its folder path below the patient folder matches
+    the pattern (case-insensitive shell pattern).
+    """
+    patients = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not patients:
+        raise UsageError(f"{root}: no patient folders")
+    sources = []
+    for patient in patients:
+        found = discover(patient).series
+
+        def matching(pattern: str, role: str) -> Series:
+            hits = [s for s in found
+                    if fnmatch.fnmatch(s.folder.relative_to(patient).as_posix().lower(), pattern.lower())]
+            if len(hits) != 1:
+                raise PrepareError(f"patient {patient.name}: {len(hits)} {role}-dose series match "
+                                   f"{pattern!r} (expected one; see --low-pattern/--full-pattern)")
+            return hits[0]
+
+        sources.append(CaseSource(case_id=safe_name(patient.name), full=matching(full_pattern, "full"),
+                                  low=matching(low_pattern, "low")))
+    return sources
+
+
+def simulated_sources(full: Path) -> list[CaseSource]:
+    """``--full DIR --simulate-dose A``: every CT series under DIR is a case."""
+    found = discover(full).series
+    if not found:
+        raise UsageError(f"{full}: no CT series found")
+    return [CaseSource(case_id=case_id_for(s, s.folder.name), full=s, low=None) for s in found]
+
+
+def _positions(series: Series) -> np.ndarray:
+    """Each slice's position along the first slice's normal, in mm (None-safe)."""
+    first = series.slices[0]
+    if not first.orientation or not all(s.position for s in series.slices):
+        raise PrepareError(f"{series.folder}: slices without Image Position/Orientation cannot be paired")
+    normal = slice_normal(first.orientation)
+    return np.array([float(np.dot(normal, s.position)) for s in series.slices])
+
+
+def pair_slices(case: CaseSource) -> list[tuple[int, int]]:
+    """(full index, low index) pairs by position along the normal; any mismatch is an error."""
+    full, low = case.full, case.low
+    shapes = {(s.rows, s.columns) for s in full.slices + low.slices}
+    if len(shapes) != 1:
+        raise PrepareError(f"case {case.case_id}: low- and full-dose matrices differ ({sorted(shapes)})")
+    if full.n_slices != low.n_slices:
+        raise PrepareError(f"case {case.case_id}: {low.n_slices} low-dose slices but {full.n_slices} full-dose")
+    z_full, z_low = _positions(full), _positions(low)
+    tolerance = 0.01 + 0.01 * float(np.median(np.abs(np.diff(z_full)))) if full.n_slices > 1 else 0.01
+    pairs = []
+    for i, z in enumerate(z_full):
+        j = int(np.argmin(np.abs(z_low - z)))
+        if abs(z_low[j] - z) > tolerance:
+            raise PrepareError(f"case {case.case_id}: no low-dose slice at z = {z:.2f} mm "
+                               f"(nearest {z_low[j]:.2f} mm)")
+        pairs.append((i, j))
+    if len({j for _, j in pairs}) != len(pairs):
+        raise PrepareError(f"case {case.case_id}: two full-dose slices pair with the same low-dose slice")
+    return pairs
+
+
+def slice_hu(path: Path) -> tuple[np.ndarray, Any]:
+    """One slice in HU (float32) with padding set to air, and its header."""
+    header, stored = load_slice(path)
+    image = stored_to_hu(stored, *rescale_of(header))
+    image[padding_mask(header, stored, image)] = AIR_HU
+    return image, header
+
+
+def _spacing(series: Series, header) -> tuple[float, float]:
+    """(pixel mm, slice mm); a missing Slice Thickness is inferred from the positions."""
+    try:
+        pixel = float(header.PixelSpacing[0])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        raise PrepareError(f"{series.slices[0].path}: no Pixel Spacing") from None
+    thickness = header.get("SliceThickness")
+    if thickness not in (None, ""):
+        return pixel, float(thickness)
+    z = _positions(series)
+    return pixel, float(np.median(np.abs(np.diff(z)))) if len(z) > 1 else 0.0
+
+
+def _resample(image: np.ndarray, pixel_mm: float, target_mm: float) -> np.ndarray:
+    """In-plane resampling to ``target_mm`` pixels (linear, SimpleITK)."""
+    import SimpleITK as sitk
+
+    source = sitk.GetImageFromArray(image)
+    source.SetSpacing((pixel_mm, pixel_mm))
+    size = [max(1, int(round(n * pixel_mm / target_mm))) for n in image.shape[::-1]]
+    out = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, source.GetOrigin(),
+                        (target_mm, target_mm), source.GetDirection(), float(AIR_HU))
+    return sitk.GetArrayFromImage(out)
+
+
+def to_int16(image_hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image_hu), -1024, 3071).astype(np.int16)
+
+
+def split_cases(records: list[CaseRecord], settings: SplitSettings) -> dict[str, list[dict]]:
+    """Each split as a list of ``{"case", "start", "stop"}`` slice ranges."""
+    splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    if settings.by == "case":
+        order = [records[i] for i in np.random.default_rng(settings.seed).permutation(len(records))]
+        counts = _counts(len(order), settings.fractions)
+        start = 0
+        for name, count in zip(SPLITS, counts):
+            for record in order[start:start + count]:
+                splits[name].append({"case": record.id, "start": 0, "stop": record.slices})
+            start += count
+        return splits
+    for record in records:  # contiguous blocks along z, a gap between them
+        usable = record.slices - settings.gap * (sum(f > 0 for f in settings.fractions) - 1)
+        if usable < sum(f > 0 for f in settings.fractions):
+            raise PrepareError(f"case {record.id}: {record.slices} slices are too few to split in blocks")
+        start = 0
+        for name, count in zip(SPLITS, _counts(usable, settings.fractions)):
+            if count:
+                splits[name].append({"case": record.id, "start": start, "stop": start + count})
+                start += count + settings.gap
+    return splits
+
+
+def _counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
+    """Integer counts per split that add up to ``n``; a non-zero fraction gets at least one."""
+    counts = [int(np.floor(n * f)) for f in fractions]
+    for i, f in enumerate(fractions):
+        if f > 0 and counts[i] == 0 and n >= sum(f > 0 for f in fractions):
+            counts[i] = 1
+    while sum(counts) > n:
+        counts[int(np.argmax(counts))] -= 1
+    counts[int(np.argmax(fractions))] += n - sum(counts)
+    return counts
+
+
+ProgressFn = Callable[[str, int, int], None]  # (case id, slices done, slices in case)
+
+
+def prepare(dataset: Path | str, sources: list[CaseSource], *, simulator=None,
+            simulation: dict | None = None, spacing_mm: float | None = None,
+            patch: PatchSettings = PatchSettings(), split: SplitSettings = SplitSettings(),
+            overwrite: bool = False, how: dict | None = None,
+            progress: ProgressFn | None = None) -> dict:
+    """Write the dataset folder (atomically: complete, or not there at all); return its manifest.
+
+    Cases without a low-dose series get one from ``simulator`` (a ``LowDoseSimulator``);
+    ``simulation`` records its settings (dose, I0, seed...) in the manifest.
+    """
+    dataset = Path(dataset)
+    if dataset.exists() and not overwrite:
+        raise UsageError(f"{dataset}: exists already (use --overwrite to replace it)")
+    if simulator is None and any(c.low is None for c in sources):
+        raise UsageError("cases without a low-dose series need a simulator (--simulate-dose)")
+    ids = [c.case_id for c in sources]
+    if len(set(ids)) != len(ids):
+        raise PrepareError(f"two cases share an id: {sorted({i for i in ids if ids.count(i) > 1})}")
+    records = []
+    with staged_folder(dataset, overwrite=overwrite) as staging:
+        for case in sources:
+            records.append(_write_case(staging / "cases" / case.case_id, case, simulator=simulator,
+                                       spacing_mm=spacing_mm, progress=progress))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "how": how or {},
+            "simulated": simulator is not None,
+            "simulation": simulation,
+            "spacing_mm": spacing_mm,
+            "patch": asdict(patch),
+            "split_settings": {**asdict(split), "fractions": list(split.fractions)},
+            "split": split_cases(records, split),
+            "cases": [asdict(r) for r in records],
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _write_case(folder: Path, case: CaseSource, *, simulator, spacing_mm: float | None,
+                progress: ProgressFn | None) -> CaseRecord:
+    folder.mkdir(parents=True)
+    full = case.full
+    pairs = pair_slices(case) if case.low is not None else [(i, None) for i in range(full.n_slices)]
+    first, header = slice_hu(full.slices[0].path)
+    pixel_mm, slice_mm = _spacing(full, header)
+    shape = first.shape if spacing_mm is None else _resample(first, pixel_mm, spacing_mm).shape
+    full_out = np.lib.format.open_memmap(folder / "full.npy", mode="w+", dtype=np.int16,
+                                         shape=(len(pairs), *shape))
+    low_out = np.lib.format.open_memmap(folder / "low.npy", mode="w+", dtype=np.int16,
+                                        shape=(len(pairs), *shape))
+    for k, (i, j) in enumerate(pairs):
+        image_full, header = slice_hu(full.slices[i].path)
+        if case.low is not None:
+            image_low, _ = slice_hu(case.low.slices[j].path)
+        else:
+            image_low = simulator(image_full[None, None], pixel_mm=pixel_mm)[0]
+        if spacing_mm is not None:
+            image_full = _resample(image_full, pixel_mm, spacing_mm)
+            image_low = _resample(image_low, pixel_mm, spacing_mm)
+        full_out[k], low_out[k] = to_int16(image_full), to_int16(image_low)
+        if progress:
+            progress(case.case_id, k + 1, len(pairs))
+    full_out.flush()
+    low_out.flush()
+    del full_out, low_out
+    z = _positions(full).tolist() if all(s.position for s in full.slices) else []
+    return CaseRecord(
+        id=case.case_id, slices=len(pairs), rows=shape[0], columns=shape[1],
+        pixel_mm=spacing_mm or pixel_mm, slice_mm=slice_mm, z_mm=[round(v, 4) for v in z],
+        full_series_uid=full.series_uid, low_series_uid=case.low.series_uid if case.low else None,
+        full_source=str(full.folder), low_source=str(case.low.folder) if case.low else None,
+    )
+
+
+def load_manifest(dataset: Path | str) -> dict:
+    """Read and check a dataset's manifest."""
+    path = Path(dataset) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not an ldct dataset manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise UsageError(f"{path}: not an ldct dataset manifest")
+    return manifest
+
+
+def open_case(dataset: Path | str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(low, full) int16 HU arrays of a case, memory-mapped (read-only)."""
+    folder = Path(dataset) / "cases" / case_id
+    return (np.load(folder / "low.npy", mmap_mode="r"), np.load(folder / "full.npy", mmap_mode="r"))
