@@ -177,7 +177,7 @@ def simulate(
         help="Photons per ray at full dose (default: calibrated to look like Mayo quarter-dose "
              "data at --dose 0.25).")] = None,
     electronic_noise: Annotated[float, typer.Option(
-        help="Electronic noise variance per ray, in detector counts (0: none).")] = 0.0,
+        help="Electronic noise per ray: its standard deviation in detector counts (0: none).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the noise: the same seed gives the same series.")] = 0,
     views: Annotated[int, typer.Option(help="Projection views over 180 degrees (parallel beam).")] = 720,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",

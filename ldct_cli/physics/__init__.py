@@ -1,0 +1,1 @@
+"""CT physics for simulating lower-dose scans: a parallel-beam projector and projection-domain noise insertion."""
