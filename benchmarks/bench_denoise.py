@@ -140,6 +140,42 @@ def child_plain(series: Path, out: Path, *, one_core: bool = False) -> dict:
     return {"slices": len(paths), "seconds": seconds, "slices_per_s": len(paths) / seconds}
 
 
+def child_tools(work: Path, device: str) -> dict:
+    """Phantom generation, dose simulation (512², 720 views) and dataset patch reads."""
+    import numpy as np
+
+    from ldct_cli.inference import resolve_device
+    from ldct_cli.phantom import PhantomSpec, phantom_volume
+    from ldct_cli.physics.lowdose import LowDoseSimulator
+
+    start = time.perf_counter()
+    volume = phantom_volume(PhantomSpec(size=512, n_slices=32))
+    phantom_s = time.perf_counter() - start
+    simulator = LowDoseSimulator(dose=0.25, pixel_mm=0.7, batch_size=4, device=resolve_device(device))
+    simulator(volume[:1, None])  # warm-up
+    stack = volume[:8, None]
+    start = time.perf_counter()
+    simulator(stack)
+    sim_s = time.perf_counter() - start
+    # The trainer's access pattern: random 64x64 crops from a memory-mapped int16 dataset.
+    path = work / "patches.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16, shape=(64, 512, 512))
+    array[:] = np.clip(np.rint(np.concatenate([volume, volume])), -1024, 3071)
+    array.flush()
+    data = np.load(path, mmap_mode="r")
+    rng = np.random.default_rng(0)
+    n = 50_000
+    starts = rng.integers(0, 512 - 64, size=(n, 2))
+    slices = rng.integers(0, 64, size=n)
+    start = time.perf_counter()
+    for k in range(n):
+        r, c = starts[k]
+        np.array(data[slices[k], r:r + 64, c:c + 64])
+    read_s = time.perf_counter() - start
+    return {"phantom_32x512_s": phantom_s, "simulate_slices_per_s": len(stack) / sim_s,
+            "simulate_s_per_slice": sim_s / len(stack), "patch_reads_per_s": n / read_s}
+
+
 def _run_child(*args: str) -> dict:
     """Run one measurement in a fresh process; return its JSON plus its peak memory."""
     command = [sys.executable, "-m", "benchmarks.bench_denoise", "--child", *args]
@@ -158,6 +194,9 @@ def _child_main(argv: list[str]) -> None:
         weights, series, out, device, batch, blend, workers = rest
         result = child_denoise(Path(weights), Path(series), Path(out), device, int(batch),
                                float(blend), int(workers))
+    elif kind == "tools":
+        work, device = rest
+        result = child_tools(Path(work), device)
     elif kind in ("plain", "plain-one-core"):
         series, out = rest
         result = child_plain(Path(series), Path(out), one_core=kind == "plain-one-core")
@@ -196,7 +235,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="", help="comma-separated subset (default: all registered)")
-    parser.add_argument("--only", default="models,io,memory", help="which parts to run")
+    parser.add_argument("--only", default="models,io,memory,tools", help="which parts to run")
     args = parser.parse_args()
 
     from ldct_cli import list_models
@@ -260,6 +299,12 @@ def main() -> None:
         print(f"memory, {memory_model}, {run['slices']} slices: main {run['peak_rss_mb']:.0f} MB, "
               f"largest worker {run['peak_worker_rss_mb']:.0f} MB", flush=True)
 
+    if "tools" in parts:
+        results["tools"] = _run_child("tools", str(work), dev)
+        t = results["tools"]
+        print(f"phantom 32x512²: {t['phantom_32x512_s']:.1f} s; simulate: {t['simulate_s_per_slice']:.2f} s "
+              f"per 512² slice; dataset: {t['patch_reads_per_s']:.0f} random 64² patches/s", flush=True)
+
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))
     table = render_table(results)
     (args.out / "bench.md").write_text(table)
@@ -270,31 +315,40 @@ def main() -> None:
 def render_table(results: dict) -> str:
     """The README's benchmark tables, in Markdown."""
     lines = [f"Machine: {results['machine']}; device {results['device']}, batch size "
-             f"{results['batch_size']}, {results['workers']} worker processes.", "",
-             "| model | slices | forward only (slices/s) | end to end (slices/s) | end to end / forward | "
-             "peak RSS main + worker (MB) |",
-             "|---|---|---|---|---|---|"]
-    for name, r in results["models"].items():
+             f"{results['batch_size']}, {results['workers']} worker processes."]
+    if results.get("models"):
+        lines += ["", "| model | slices | forward only (slices/s) | end to end (slices/s) | "
+                  "end to end / forward | peak RSS main + worker (MB) |", "|---|---|---|---|---|---|"]
+    for name, r in results.get("models", {}).items():
         e2e = r["end_to_end"]
         memory = f"{e2e['peak_rss_mb']:.0f} + {e2e['peak_worker_rss_mb']:.0f}"
         if "cuda_peak_mb" in e2e:
             memory += f" (CUDA {e2e['cuda_peak_mb']:.0f})"
         lines.append(f"| {name} | {e2e['slices']} | {r['forward']['slices_per_s']:.2f} | "
                      f"{e2e['slices_per_s']:.2f} | {r['ratio']:.0%} | {memory} |")
-    lines += ["", "| I/O path (`--blend 1`, best of 3) | slices | plain pydicom loop (slices/s) | "
-              "same loop on one core | ldct, 1 worker | ldct, N workers (slices/s) | "
-              "speed-up vs loop / vs loop on one core |",
-              "|---|---|---|---|---|---|---|"]
-    for label, r in results["io"].items():
+    if results.get("io"):
+        lines += ["", "| I/O path (`--blend 1`, best of 3) | slices | plain pydicom loop (slices/s) | "
+                  "same loop on one core | ldct, 1 worker | ldct, N workers (slices/s) | "
+                  "speed-up vs loop / vs loop on one core |", "|---|---|---|---|---|---|---|"]
+    for label, r in results.get("io", {}).items():
         lines.append(f"| {label} input | {r['ldct']['slices']} | {r['plain']['slices_per_s']:.0f} | "
                      f"{r['plain_one_core']['slices_per_s']:.0f} | "
                      f"{r['ldct_one_worker']['slices_per_s']:.0f} | {r['ldct']['slices_per_s']:.0f} | "
                      f"{r['speedup']:.2f}x / {r['speedup_one_core']:.2f}x |")
-    lines += ["", "| memory (end to end) | slices | peak RSS main (MB) | peak RSS largest worker (MB) |",
-              "|---|---|---|---|"]
-    for label, r in results["memory"].items():
+    if results.get("memory"):
+        lines += ["", "| memory (end to end) | slices | peak RSS main (MB) | peak RSS largest worker (MB) |",
+                  "|---|---|---|---|"]
+    for label, r in results.get("memory", {}).items():
         lines.append(f"| {r['model']}, {label} series | {r['slices']} | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_worker_rss_mb']:.0f} |")
+    if "tools" in results:
+        t = results["tools"]
+        lines += ["", "| other tools | time |", "|---|---|",
+                  f"| `ldct phantom`: 32 slices of 512² (HU volume) | {t['phantom_32x512_s']:.1f} s |",
+                  f"| `ldct simulate`: one 512² slice, 720 views (forward projection, noise, FBP) | "
+                  f"{t['simulate_s_per_slice']:.2f} s ({t['simulate_slices_per_s']:.2f} slices/s) |",
+                  f"| `ldct prepare` dataset: random 64² patches read from the int16 memmap | "
+                  f"{t['patch_reads_per_s']:,.0f} patches/s |"]
     return "\n".join(lines) + "\n"
 
 

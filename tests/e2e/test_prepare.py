@@ -143,3 +143,27 @@ def test_patch_settings_are_recorded_for_the_trainer(tmp_path, cli):
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["patch"] == {
         "patch_size": 55, "patches_per_slice": 4, "body_threshold_hu": -500.0, "min_body_fraction": 0.3}
     assert PatchSettings(patch_size=55, patches_per_slice=4, min_body_fraction=0.3).patch_size == 55
+
+
+def test_resampling_to_a_common_pixel_spacing(tmp_path, cli):
+    low, full = _pair(tmp_path / "src", n=2, pixel_spacing_mm=(0.5, 0.5))
+    result = cli("prepare", tmp_path / "data", "--low", low, "--full", full, "--spacing", "1.0", "--quiet")
+    assert result.exit_code == 0, result.output
+    [case] = load_manifest(tmp_path / "data")["cases"]
+    assert (case["rows"], case["columns"], case["pixel_mm"]) == (32, 32, 1.0)
+    low_arr, full_arr = open_case(tmp_path / "data", case["id"])
+    original = _hu(sorted(full.glob("*.dcm"))[0]).astype(float)
+    # a 2x2 block average is what linear resampling to twice the spacing gives, roughly
+    assert abs(full_arr[0].astype(float).mean() - original.mean()) < 15
+
+
+def test_missing_slice_thickness_is_inferred_from_positions(tmp_path, cli):
+    low, full = _pair(tmp_path / "src", n=3, slice_positions_mm=(0.0, 1.5, 3.0))
+    for folder in (low, full):
+        for path in folder.glob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            del ds.SliceThickness
+            ds.save_as(path)
+    assert cli("prepare", tmp_path / "data", "--low", low, "--full", full, "--quiet").exit_code == 0
+    [case] = load_manifest(tmp_path / "data")["cases"]
+    assert case["slice_mm"] == 1.5
