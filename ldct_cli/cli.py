@@ -307,6 +307,9 @@ def prepare(
 
     try:
         fractions = tuple(float(x) for x in split.split(","))
+    except ValueError:
+        raise _fail(f"--split {split!r}: three numbers, e.g. 0.8,0.1,0.1", EXIT_USAGE)
+    try:
         split_settings = prep.SplitSettings(fractions=fractions, by=split_by, seed=seed, gap=gap)
         patch = prep.PatchSettings(patch_size=patch_size, patches_per_slice=patches_per_slice,
                                    min_body_fraction=min_body_fraction)
@@ -338,7 +341,7 @@ def prepare(
             manifest = prep.prepare(dataset, sources, simulator=simulator, simulation=simulation,
                                     spacing_mm=spacing, patch=patch, split=split_settings,
                                     overwrite=overwrite, how=how, progress=progress)
-    except (UsageError, ValueError) as exc:
+    except UsageError as exc:
         raise _fail(str(exc), EXIT_USAGE)
     except LdctError as exc:
         raise _fail(str(exc), EXIT_FAILED)
