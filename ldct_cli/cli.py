@@ -352,6 +352,102 @@ def prepare(
 
 
 @app.command()
+def evaluate(
+    test_dirs: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="TEST_DIR...", help="Series to score: the low-dose input, each model's output...")] = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        help="Full-dose reference series (folder). Without it: reference-free metrics, each test "
+             "series against the series it was derived from.")] = None,
+    preset: Annotated[str, typer.Option(
+        help="Window and data range L for PSNR/SSIM: redcnn [-160,240] L=400, full [-1024,3071], "
+             "abdomen, chest, head.")] = "redcnn",
+    window: Annotated[Optional[str], typer.Option(help="Custom window LO,HI in HU (overrides --preset).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Report folder: CSV, JSON, PNG pictures and report.html.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(
+        help="Labels of the TEST_DIRs, in order (default: Series Description or folder name).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="A `ldct prepare` dataset to score models on.")] = None,
+    split: Annotated[str, typer.Option(help="With --data: the split to score.")] = "test",
+    model: Annotated[Optional[list[str]], typer.Option(help="With --data: bundled model(s) to run.")] = None,
+    weights: Annotated[Optional[list[Path]], typer.Option(help="With --data: checkpoint(s) to run.")] = None,
+    roi_size: Annotated[int, typer.Option(help="Side of the uniform ROIs (noise, bias, NPS), pixels.")] = 32,
+    rois: Annotated[int, typer.Option(help="Uniform ROIs per slice.")] = 4,
+    montage_slices: Annotated[int, typer.Option(help="Slices shown in each montage.")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full results as JSON on stdout.")] = False,
+) -> None:
+    """Score denoised series: PSNR, SSIM, RMSE, noise, HU bias and NPS, as tables and pictures.
+
+    Test slices are paired with the reference by position along the slice normal (the
+    Frame of Reference is kept by denoise and simulate). Every output names the window,
+    the data range L and the SSIM variant.
+
+    Examples:
+
+      ldct evaluate --reference fd/ ld/ out_redcnn/ out_pix2pix/ --out report/
+
+      ldct evaluate ld/ out_redcnn/ --out report/                 # reference-free
+
+      ldct evaluate --data dataset/ --split test --weights runs/redcnn --out report/
+    """
+    from rich.table import Table as RichTable
+
+    from ldct_cli import evaluate as ev
+    from ldct_cli.metrics import get_window
+
+    try:
+        try:
+            chosen = get_window(window if window else preset)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        from ldct_cli.inference import resolve_device
+
+        torch_device = resolve_device(device)
+        settings = ev.Settings(window=chosen, roi_px=roi_size, n_rois=rois, device=str(torch_device))
+        if data is not None:
+            if test_dirs or reference:
+                raise UsageError("--data takes no TEST_DIR or --reference: the dataset holds both")
+            from ldct_cli.api import build_denoiser
+
+            denoisers = {}
+            for name in model or []:
+                denoisers[name], _ = build_denoiser(model=name, device=device)
+            for path in weights or []:
+                built, derivation = build_denoiser(weights=path, device=device)
+                denoisers[f"{derivation.setting('model')} ({Path(path).name})"] = built
+            tests, references = ev.dataset_inputs(data, split, denoisers)
+        else:
+            if not test_dirs:
+                raise UsageError("give TEST_DIRs (with --reference or not), or --data DATASET")
+            if label and len(label) != len(test_dirs):
+                raise UsageError(f"{len(label)} --label for {len(test_dirs)} TEST_DIRs")
+            tests = [s for k, d in enumerate(test_dirs)
+                     for s in ev.load_input(d, label[k] if label else None)]
+            references = ev.load_input(reference) if reference is not None else None
+        report = ev.evaluate(tests, reference=references, settings=settings, out=out,
+                             montage_slices=montage_slices)
+    except UsageError as exc:
+        raise _fail(str(exc), EXIT_USAGE)
+    except LdctError as exc:
+        raise _fail(str(exc), EXIT_FAILED)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    header, rows = ev.summary_rows(report)
+    s = report["settings"]
+    table = RichTable(*header, title=f"window {s['window_hu']} HU, L = {s['data_range_L']:g}; "
+                                     f"SSIM: {s['ssim_variant']}")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    for series in report["series"]:
+        for note in series["notes"]:
+            err.print(f"note: {series['label']}: {note}", markup=False)
+    if out is not None:
+        err.print(f"report: {out / 'report.html'}", markup=False)
+
+
+@app.command()
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
 ) -> None:

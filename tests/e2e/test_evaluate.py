@@ -1,0 +1,105 @@
+"""``ldct evaluate`` end to end on a phantom study: reference, reference-free and dataset modes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, checkpoints):
+    """A phantom with its quarter dose, and the quarter dose 'denoised' two ways:
+    by a WGAN-VGG checkpoint, and with --blend 1 (which must score exactly like the input)."""
+    from typer.testing import CliRunner
+
+    from ldct_cli.cli import app
+
+    root = tmp_path_factory.mktemp("evaluate")
+    run = lambda *args: CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    result = run("phantom", root / "ph", "--slices", "4", "--size", "128", "--pixel-mm", "2.8",
+                 "--dose", "0.25", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    [low] = (root / "ph" / "dose25").iterdir()
+    for name, extra in (("wgan", ()), ("copy", ("--blend", "1"))):
+        result = run("denoise", low, root / name, "--weights", checkpoints["wgan_vgg"], "--workers", "0",
+                     "--quiet", *extra)
+        assert result.exit_code == 0, result.output
+    return {"root": root, "full": root / "ph" / "full_dose", "low": low,
+            "wgan": next((root / "wgan").iterdir()), "copy": next((root / "copy").iterdir())}
+
+
+def _run(cli, *args):
+    result = cli("evaluate", *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_reference_mode_scores_tables_and_pictures(study, cli, tmp_path):
+    report_dir = tmp_path / "report"
+    result = _run(cli, "--reference", study["full"], study["low"], study["wgan"], study["copy"],
+                  "--label", "low dose", "--label", "wgan", "--label", "copy", "--out", report_dir,
+                  "--device", "cpu", "--roi-size", "8")
+    assert "L = 400" in result.stdout and "PSNR" in result.stdout
+    for name in ("scores.json", "scores_per_series.csv", "scores_per_slice.csv", "nps.png", "psnr_z.png",
+                 "report.html"):
+        assert (report_dir / name).is_file(), name
+    assert list(report_dir.glob("montage_*.png"))
+    report = json.loads((report_dir / "scores.json").read_text())
+    settings = report["settings"]
+    assert settings["window_hu"] == [-160, 240] and settings["data_range_L"] == 400
+    assert "Gaussian 11x11" in settings["ssim_variant"]
+    by_label = {s["label"]: s for s in report["series"]}
+    assert set(by_label) == {"low dose", "wgan", "copy"}
+    low, copy = by_label["low dose"]["summary"], by_label["copy"]["summary"]
+    # --blend 1 wrote the input's pixels: every score is the input's
+    for key in ("psnr_db", "ssim", "rmse_hu"):
+        assert copy[key]["mean"] == pytest.approx(low[key]["mean"], abs=1e-9), key
+    assert len(by_label["low dose"]["per_slice"]) == 4
+    assert 10 < low["psnr_db"]["mean"] < 40 and 0 < low["ssim"]["mean"] < 1
+    with open(report_dir / "scores_per_series.csv") as handle:
+        lines = list(csv.reader(handle))
+    assert lines[0][0].startswith("# window") and lines[1][0] == "series" and len(lines) == 5
+    html = (report_dir / "report.html").read_text()
+    assert "data:image/png;base64" in html and "wgan" in html
+
+
+def test_reference_against_itself_is_perfect(study, cli):
+    result = _run(cli, "--reference", study["full"], study["full"], "--json", "--device", "cpu")
+    [series] = json.loads(result.stdout)["series"]
+    for row in series["per_slice"]:
+        assert row["psnr_db"] == float("inf") and row["ssim"] == pytest.approx(1.0) and row["rmse_hu"] == 0
+
+
+def test_reference_free_mode_pairs_each_output_with_its_source(study, cli):
+    result = _run(cli, study["low"], study["wgan"], "--json", "--device", "cpu", "--roi-size", "8")
+    report = json.loads(result.stdout)
+    by_label = {s["label"]: s for s in report["series"]}
+    assert report["settings"]["mode"] == "reference-free"
+    [denoised] = [s for s in report["series"] if s["against"]]
+    assert denoised["against"] == [s["label"] for s in report["series"] if not s["against"]][0]
+    assert "psnr_db" not in denoised["summary"] and "hu_bias" in denoised["summary"]
+    assert len(by_label) == 2
+
+
+def test_custom_window_and_bad_window(study, cli):
+    result = _run(cli, "--reference", study["full"], study["low"], "--window", "-1000,1000", "--json",
+                  "--device", "cpu")
+    assert json.loads(result.stdout)["settings"]["data_range_L"] == 2000
+    bad = cli("evaluate", "--reference", study["full"], study["low"], "--window", "nope")
+    assert bad.exit_code == 2
+
+
+def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkpoints):
+    assert cli("prepare", tmp_path / "data", "--low", study["low"], "--full", study["full"], "--quiet",
+               "--split-by", "block", "--split", "0.5,0,0.5", "--gap", "0").exit_code == 0
+    result = _run(cli, "--data", tmp_path / "data", "--split", "test", "--weights", checkpoints["wgan_vgg"],
+                  "--json", "--device", "cpu", "--roi-size", "8")
+    report = json.loads(result.stdout)
+    labels = [s["label"] for s in report["series"]]
+    assert labels[0] == "low dose" and labels[1].startswith("wgan_vgg")
+    assert all(len(s["per_slice"]) == 2 for s in report["series"])
+    assert all(s["against"] == "full dose" for s in report["series"])
