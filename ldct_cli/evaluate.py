@@ -185,6 +185,9 @@ class Scores:
         keys = [k for k in (self.per_slice[0] if self.per_slice else {}) if k not in ("z_mm", "slice")]
         for key in keys:
             values = np.array([row[key] for row in self.per_slice if row.get(key) is not None], dtype=float)
+            if len(values) and not np.isfinite(values).any():  # e.g. PSNR of identical images
+                out[key] = {"mean": float(values[0]), "sd": 0.0}
+                continue
             values = values[np.isfinite(values)]
             if len(values):
                 out[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
@@ -238,18 +241,18 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
         test_hu = test.read_hu([i for i, _ in chunk])
         other_hu = against.read_hu([j for _, j in chunk]) if against is not None else None
         rows = [{"slice": i, "z_mm": round(float(test.z_mm[i]), 3)} for i, _ in chunk]
+        base_hu = other_hu if other_hu is not None else test_hu  # where ROIs are found
+        body = metrics.body_mask(base_hu)
         if with_reference:
             psnr = metrics.psnr(test_hu, other_hu, window)
             ssim = metrics.ssim(test_hu, other_hu, window, device=settings.device)
             rmse = metrics.rmse_hu(test_hu, other_hu)
-            body = metrics.body_mask(other_hu)
             rmse_body = metrics.rmse_hu(test_hu, other_hu, mask=body)
             for row, p, s, r, rb in zip(rows, psnr, ssim, rmse, rmse_body):
                 row.update(psnr_db=float(p), ssim=float(s), rmse_hu=float(r), rmse_body_hu=float(rb))
         nps_rois = []
         for k, row in enumerate(rows):
-            base = other_hu[k] if other_hu is not None else test_hu[k]
-            rois = metrics.find_uniform_rois(base, roi_px=roi, n=settings.n_rois)
+            rois = metrics.find_uniform_rois(base_hu[k], roi_px=roi, n=settings.n_rois, body=body[k])
             if not rois:
                 continue
             _, sd = metrics.roi_stats(test_hu[k], rois, roi)
