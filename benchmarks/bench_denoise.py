@@ -176,6 +176,21 @@ def child_tools(work: Path, device: str) -> dict:
             "simulate_s_per_slice": sim_s / len(stack), "patch_reads_per_s": n / read_s}
 
 
+def child_evaluate(series: Path, device: str) -> dict:
+    """``ldct evaluate`` scoring a series against a reference (here: itself), slices/s."""
+    from ldct_cli import evaluate as ev
+    from ldct_cli.inference import resolve_device
+    from ldct_cli.metrics import get_window
+
+    start = time.perf_counter()
+    tests, references = ev.load_input(series), ev.load_input(series)
+    ev.evaluate(tests, reference=references,
+                settings=ev.Settings(window=get_window("redcnn"), device=str(resolve_device(device))))
+    seconds = time.perf_counter() - start
+    n = tests[0].n_slices
+    return {"slices": n, "seconds": seconds, "slices_per_s": n / seconds}
+
+
 def _run_child(*args: str) -> dict:
     """Run one measurement in a fresh process; return its JSON plus its peak memory."""
     command = [sys.executable, "-m", "benchmarks.bench_denoise", "--child", *args]
@@ -194,6 +209,9 @@ def _child_main(argv: list[str]) -> None:
         weights, series, out, device, batch, blend, workers = rest
         result = child_denoise(Path(weights), Path(series), Path(out), device, int(batch),
                                float(blend), int(workers))
+    elif kind == "evaluate":
+        series, device = rest
+        result = child_evaluate(Path(series), device)
     elif kind == "tools":
         work, device = rest
         result = child_tools(Path(work), device)
@@ -301,6 +319,7 @@ def main() -> None:
 
     if "tools" in parts:
         results["tools"] = _run_child("tools", str(work), dev)
+        results["tools"]["evaluate"] = _run_child("evaluate", str(explicit), dev)
         t = results["tools"]
         print(f"phantom 32x512²: {t['phantom_32x512_s']:.1f} s; simulate: {t['simulate_s_per_slice']:.2f} s "
               f"per 512² slice; dataset: {t['patch_reads_per_s']:.0f} random 64² patches/s", flush=True)
@@ -349,6 +368,11 @@ def render_table(results: dict) -> str:
                   f"{t['simulate_s_per_slice']:.2f} s ({t['simulate_slices_per_s']:.2f} slices/s) |",
                   f"| `ldct prepare` dataset: random 64² patches read from the int16 memmap | "
                   f"{t['patch_reads_per_s']:,.0f} patches/s |"]
+        if "evaluate" in t:
+            e = t["evaluate"]
+            lines.append(f"| `ldct evaluate`: {e['slices']} slices of 512² against a reference (reading "
+                         f"both, PSNR, SSIM, RMSE, ROIs, NPS) | {e['seconds']:.1f} s "
+                         f"({e['slices_per_s']:.0f} slices/s) |")
     return "\n".join(lines) + "\n"
 
 
