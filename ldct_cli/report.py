@@ -157,13 +157,14 @@ def _draw_panel(ax, panel: Panel, window: tuple[float, float], diff_window: tupl
     if panel.kind == "difference":
         shown = ax.imshow(np.abs(image), cmap="magma", vmin=diff_window[0], vmax=diff_window[1],
                           interpolation="antialiased")
-        bar = ax.inset_axes((0.06, 0.05, 0.42, 0.035))
+        # A small colour bar in the space under the panel, where image panels have their note.
+        bar = ax.inset_axes((0.2, -0.045, 0.6, 0.03))
         colourbar = ax.figure.colorbar(shown, cax=bar, orientation="horizontal",
                                        ticks=[diff_window[0], diff_window[1]])
-        colourbar.ax.tick_params(labelsize=8, colors="white", length=2, pad=1)
-        colourbar.outline.set_edgecolor("white")
-        colourbar.outline.set_linewidth(0.6)
-        bar.set_xticklabels([_fmt(diff_window[0]), f"{_fmt(diff_window[1])} HU"])
+        colourbar.outline.set_linewidth(0.5)
+        bar.tick_params(labelsize=8, length=2, pad=1)
+        bar.set_xticklabels([_fmt(diff_window[0]), _fmt(diff_window[1])])
+        bar.set_xlabel("|difference| (HU)", fontsize=8, labelpad=1)
     else:
         ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="antialiased")
     for k, (row, col, size) in enumerate(panel.rois):
@@ -179,7 +180,8 @@ def _draw_panel(ax, panel: Panel, window: tuple[float, float], diff_window: tupl
         spine.set_linewidth(0.5)
         spine.set_color("#888888")
     ax.set_title(_wrap(panel.label, 34), fontsize=10, fontweight="bold", pad=4, parse_math=False)
-    ax.set_xlabel(_wrap(panel.note, 40), fontsize=9, labelpad=4, parse_math=False)
+    ax.set_xlabel(_wrap(panel.note, 40), fontsize=9, labelpad=32 if panel.kind == "difference" else 4,
+                  parse_math=False)
 
 
 # --------------------------------------------------------------------------- line plots
