@@ -104,8 +104,18 @@ def _save_png(fig: Figure, path: Path) -> Path:
     return _atomic_write(path, buffer.getvalue())
 
 
-def _wrap(text: str, width: int) -> str:
-    return "\n".join(textwrap.wrap(text, width=width, break_long_words=True, break_on_hyphens=False)) or text
+def _wrap(text: str, width: int, max_lines: int | None = None) -> str:
+    lines = textwrap.wrap(" ".join(str(text).split()), width=width, break_long_words=True, break_on_hyphens=False,
+                          max_lines=max_lines, placeholder=" …")
+    return "\n".join(lines)
+
+
+def _label(text: str) -> str:
+    return _wrap(text, 34, max_lines=3)
+
+
+def _note(text: str) -> str:
+    return _wrap(text, 40, max_lines=3)
 
 
 def _fmt(value: float) -> str:
@@ -132,15 +142,24 @@ def write_montage(path: Path, *, rows: list[list[Panel]], window: tuple[float, f
     n_rows, n_cols = len(rows), max(len(row) for row in rows)
     has_diff = any(p.kind == "difference" for row in rows for p in row)
 
-    header_in = 0.8 if title else 0.5
-    fig = _new_figure(n_cols * PANEL_INCHES, n_rows * (PANEL_INCHES + 0.55) + header_in)
-    fig.get_layout_engine().set(w_pad=0.04, h_pad=0.04, wspace=0.02, hspace=0.02)
     subtitle = window_label or f"window [{_fmt(low)}, {_fmt(high)}] HU (L = {_fmt(high - low)})"
     if has_diff:
         subtitle += f"   ·   |difference| shown in [{_fmt(d_low)}, {_fmt(d_high)}] HU (magma)"
+    # Height from the text each row carries: panel titles and notes may wrap over lines.
+    line_in = 0.19
+    row_in = []
+    for row in rows:
+        title_lines = max(_label(p.label).count("\n") + 1 for p in row)
+        below = max((_note(p.note).count("\n") + 1 if p.note else 0) * line_in
+                    + (0.5 if p.kind == "difference" else 0.0) for p in row)
+        row_in.append(PANEL_INCHES + title_lines * line_in + max(below, line_in) + 0.2)
+    heading = (f"{_wrap(title, 40 * n_cols)}\n" if title else "") + subtitle
+    header_in = 0.3 * (heading.count("\n") + 1) + 0.2
+    fig = _new_figure(n_cols * PANEL_INCHES, sum(row_in) + header_in)
+    fig.get_layout_engine().set(w_pad=0.04, h_pad=0.04, wspace=0.02, hspace=0.02)
     heading = (f"{_wrap(title, 40 * n_cols)}\n" if title else "") + subtitle
     fig.suptitle(heading, fontsize=13, parse_math=False)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"height_ratios": row_in})
 
     for r, row in enumerate(rows):
         for c in range(n_cols):
@@ -179,8 +198,8 @@ def _draw_panel(ax, panel: Panel, window: tuple[float, float], diff_window: tupl
     for spine in ax.spines.values():
         spine.set_linewidth(0.5)
         spine.set_color("#888888")
-    ax.set_title(_wrap(panel.label, 34), fontsize=10, fontweight="bold", pad=4, parse_math=False)
-    ax.set_xlabel(_wrap(panel.note, 40), fontsize=9, labelpad=32 if panel.kind == "difference" else 4,
+    ax.set_title(_label(panel.label), fontsize=10, fontweight="bold", pad=4, parse_math=False)
+    ax.set_xlabel(_note(panel.note), fontsize=9, labelpad=32 if panel.kind == "difference" else 4,
                   parse_math=False)
 
 
@@ -214,6 +233,8 @@ def _curve(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
     if x.shape != y.shape:
         raise ValueError(f"curve {name!r}: x has {x.size} values, y has {y.size}")
+    # Non-finite values (an infinite PSNR of identical slices, a missing score) leave a gap.
+    y = np.where(np.isfinite(y), y, np.nan)
     return x, y
 
 

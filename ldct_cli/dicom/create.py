@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from ldct_cli._version import __version__
 from ldct_cli.dicom.read import CT_IMAGE_STORAGE
-from ldct_cli.dicom.write import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, write_dataset
+from ldct_cli.dicom.write import new_file_meta, write_dataset
 
 INTERCEPT = -1024.0
 BITS_STORED = 12
@@ -112,13 +112,7 @@ def new_slice_dataset(series: NewSeries, image_hu: np.ndarray, index: int) -> Da
     ds.LossyImageCompression = "00"
     ds.add_new(0x7FE00010, "OW", hu_to_new_stored(image_hu).astype("<u2").tobytes())
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
+    ds.file_meta = new_file_meta(ds)
     return ds
 
 

@@ -254,18 +254,23 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
     return ds
 
 
+def new_file_meta(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> FileMetaDataset:
+    """Fresh Part 10 file meta for ``ds``: its SOP class and instance, ldct-cli as implementation."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
 def _set_pixels(ds: Dataset, stored: np.ndarray, syntax: str) -> None:
     """Store ``stored`` as the pixel data, encoded in ``syntax``, and build fresh file meta."""
     for tag in (0x7FE00001, 0x7FE00002):  # extended offset table (+ lengths) of the old payload
         if tag in ds:
             del ds[tag]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
+    ds.file_meta = new_file_meta(ds)
     little = stored.astype(stored.dtype.newbyteorder("<"), copy=False)
     if "PixelData" in ds:
         del ds["PixelData"]
