@@ -16,9 +16,7 @@ import base64
 import html
 import io
 import math
-import os
 import re
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from ldct_cli.fsutil import atomic_path
 
 __all__ = ["Panel", "Table", "write_montage", "write_nps_plot", "write_profile_plot", "write_html"]
 
@@ -78,17 +78,10 @@ class Table:
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a unique hidden temporary file in the same folder."""
+    """Write ``data`` to ``path`` through the project's temp-and-rename (fsutil.atomic_path)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
@@ -152,12 +145,11 @@ def write_montage(path: Path, *, rows: list[list[Panel]], window: tuple[float, f
         title_lines = max(_label(p.label).count("\n") + 1 for p in row)
         below = max((_note(p.note).count("\n") + 1 if p.note else 0) * line_in
                     + (0.5 if p.kind == "difference" else 0.0) for p in row)
-        row_in.append(PANEL_INCHES + title_lines * line_in + max(below, line_in) + 0.2)
+        row_in.append(PANEL_INCHES + title_lines * line_in + max(below, line_in) + 0.15)
     heading = (f"{_wrap(title, 40 * n_cols)}\n" if title else "") + subtitle
-    header_in = 0.3 * (heading.count("\n") + 1) + 0.2
+    header_in = 0.25 * (heading.count("\n") + 1) + 0.1
     fig = _new_figure(n_cols * PANEL_INCHES, sum(row_in) + header_in)
     fig.get_layout_engine().set(w_pad=0.04, h_pad=0.04, wspace=0.02, hspace=0.02)
-    heading = (f"{_wrap(title, 40 * n_cols)}\n" if title else "") + subtitle
     fig.suptitle(heading, fontsize=13, parse_math=False)
     axes = fig.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"height_ratios": row_in})
 
