@@ -289,7 +289,7 @@ def test_a_single_file_as_input(tmp_path, cli, checkpoints):
 
 def test_bad_inputs_are_reported_and_the_good_series_still_written(tmp_path, cli, checkpoints):
     src = tmp_path / "in"
-    good = write_series(src / "good", SeriesSpec(series_description="GOOD"))
+    write_series(src / "good", SeriesSpec(series_description="GOOD"))
     broken = write_series(src / "broken", SeriesSpec(series_description="BROKEN"))
     write_truncated(broken[1], broken[1])  # pixel data cut: that series fails as a whole
     undecodable = write_series(src / "undecodable", SeriesSpec(series_description="UNDEC", n_slices=2))
