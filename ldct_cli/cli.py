@@ -371,6 +371,10 @@ def evaluate(
     model: Annotated[Optional[list[str]], typer.Option(help="With --data: bundled model(s) to run.")] = None,
     weights: Annotated[Optional[list[Path]], typer.Option(help="With --data: checkpoint(s) to run.")] = None,
     roi_size: Annotated[int, typer.Option(help="Side of the uniform ROIs (noise, bias, NPS), pixels.")] = 32,
+    roi_file: Annotated[Optional[Path], typer.Option(
+        help='JSON file of ROIs used on every slice instead of the automatic ones, and ROI pairs for '
+             'CNR: {"roi_px": 16, "uniform": [[row, col], ...], "cnr": [{"name": "lesion", '
+             '"a": [row, col], "b": [row, col]}]} (top-left corners, pixels).')] = None,
     rois: Annotated[int, typer.Option(help="Uniform ROIs per slice.")] = 4,
     montage_slices: Annotated[int, typer.Option(help="Slices shown in each montage.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -403,7 +407,8 @@ def evaluate(
         from ldct_cli.inference import resolve_device
 
         torch_device = resolve_device(device)
-        settings = ev.Settings(window=chosen, roi_px=roi_size, n_rois=rois, device=str(torch_device))
+        from_file = ev.read_roi_file(roi_file) if roi_file is not None else {"roi_px": roi_size}
+        settings = ev.Settings(window=chosen, n_rois=rois, device=str(torch_device), **from_file)
         if data is not None:
             if test_dirs or reference:
                 raise UsageError("--data takes no TEST_DIR or --reference: the dataset holds both")

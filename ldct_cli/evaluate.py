@@ -203,6 +203,25 @@ class Settings:
     roi_px: int = 32
     n_rois: int = 4
     device: str = "cpu"
+    fixed_rois: tuple[tuple[int, int], ...] = ()  # uniform ROIs given by the user (every slice)
+    cnr_pairs: tuple[tuple[str, tuple[int, int], tuple[int, int]], ...] = ()  # (name, roi a, roi b)
+
+
+def read_roi_file(path: Path) -> dict:
+    """A JSON file of ROIs: ``{"roi_px": 16, "uniform": [[row, col], ...],
+    "cnr": [{"name": "lesion", "a": [row, col], "b": [row, col]}]}`` (top-left corners,
+    in pixels, applied to every slice)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        out = {"roi_px": int(data.get("roi_px", 32)),
+               "fixed_rois": tuple((int(r), int(c)) for r, c in data.get("uniform", [])),
+               "cnr_pairs": tuple((str(p["name"]), (int(p["a"][0]), int(p["a"][1])),
+                                   (int(p["b"][0]), int(p["b"][1]))) for p in data.get("cnr", []))}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UsageError(f"{path}: not a ROI file ({type(exc).__name__}: {exc}); see `ldct evaluate --help`") from None
+    if out["roi_px"] < 4:
+        raise UsageError(f"{path}: roi_px must be at least 4")
+    return out
 
 
 def _chunks(pairs: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
@@ -252,7 +271,10 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
                 row.update(psnr_db=float(p), ssim=float(s), rmse_hu=float(r), rmse_body_hu=float(rb))
         nps_rois = []
         for k, row in enumerate(rows):
-            rois = metrics.find_uniform_rois(base_hu[k], roi_px=roi, n=settings.n_rois, body=body[k])
+            for name, a, b in settings.cnr_pairs:
+                row[f"cnr_{name}"] = metrics.cnr(test_hu[k], a, b, roi)
+            rois = list(settings.fixed_rois) or metrics.find_uniform_rois(
+                base_hu[k], roi_px=roi, n=settings.n_rois, body=body[k])
             if not rois:
                 continue
             _, sd = metrics.roi_stats(test_hu[k], rois, roi)
@@ -321,8 +343,13 @@ def settings_dict(settings: Settings, *, with_reference: bool) -> dict:
         "rmse": "HU, unwindowed (whole slice; and inside the body: > -500 HU, largest region)",
         "roi_px": settings.roi_px,
         "rois_per_slice": settings.n_rois,
-        "roi_selection": "uniform soft-tissue ROIs of lowest SD, found on the "
-                         + ("reference" if with_reference else "source (or the series itself)"),
+        "roi_selection": ("given by the user: " + json.dumps([list(r) for r in settings.fixed_rois])
+                          if settings.fixed_rois else
+                          "uniform soft-tissue ROIs of lowest SD, found on the "
+                          + ("reference" if with_reference else "source (or the series itself)")),
+        "cnr": ("|mean_a - mean_b| / sqrt((sd_a^2 + sd_b^2) / 2) for " +
+                json.dumps([[n, list(a), list(b)] for n, a, b in settings.cnr_pairs])
+                if settings.cnr_pairs else "none asked for"),
         "nps": "2D, ROIs plane-detrended, radially averaged, HU^2 mm^2 vs mm^-1; f_avg = sum f NPS / sum NPS",
         "mode": "reference" if with_reference else "reference-free",
     }
@@ -335,7 +362,8 @@ SUMMARY_COLUMNS = [("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"), ("rmse_hu", "RMSE
 
 def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-series comparison table (mean ± SD over slices)."""
-    present = [(k, name) for k, name in SUMMARY_COLUMNS
+    cnr_keys = sorted({k for s in report["series"] for k in s["summary"] if k.startswith("cnr_")})
+    present = [(k, name) for k, name in SUMMARY_COLUMNS + [(k, f"CNR {k[4:]}") for k in cnr_keys]
                if any(k in s["summary"] for s in report["series"])]
     header = ["series", "vs", "slices"] + [name for _, name in present] + ["NPS f_peak", "NPS f_avg (mm⁻¹)"]
     rows = []
@@ -422,9 +450,10 @@ def _montages(out: Path, tests: list[InputSeries], references: list[InputSeries]
         for i_anchor, j_ref in chosen:
             z = anchor.z_mm[i_anchor]
             ref_hu = ref.read_hu([j_ref])[0] if ref is not None else None
-            rois = tuple((r, c, settings.roi_px) for r, c in metrics.find_uniform_rois(
+            found = list(settings.fixed_rois) or metrics.find_uniform_rois(
                 ref_hu if ref_hu is not None else anchor.read_hu([i_anchor])[0], roi_px=settings.roi_px,
-                n=settings.n_rois))
+                n=settings.n_rois)
+            rois = tuple((r, c, settings.roi_px) for r, c in found)
             panels, diffs = [], []
             for test in group:
                 i = int(np.argmin(np.abs(test.z_mm - z)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 
@@ -101,3 +102,26 @@ def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkp
     assert labels[0] == "low dose" and labels[1].startswith("wgan_vgg")
     assert all(len(s["per_slice"]) == 2 for s in report["series"])
     assert all(s["against"] == "full dose" for s in report["series"])
+
+
+def test_roi_file_gives_fixed_rois_and_cnr(study, cli, tmp_path):
+    from ldct_cli.phantom import PhantomSpec, structure_masks
+
+    # liver against the air corner, located on the phantom's own masks (128 px, 2.8 mm pixels)
+    masks = structure_masks(PhantomSpec(size=128, n_slices=4, pixel_mm=2.8), 2)
+    liver = np.argwhere(masks["liver"])
+    r, c = liver[len(liver) // 2]
+    rois = {"roi_px": 4, "uniform": [[int(r) - 2, int(c) - 2]],
+            "cnr": [{"name": "liver_vs_air", "a": [int(r) - 2, int(c) - 2], "b": [2, 2]}]}
+    path = tmp_path / "rois.json"
+    path.write_text(json.dumps(rois))
+    result = _run(cli, "--reference", study["full"], study["low"], "--roi-file", path, "--json", "--device", "cpu")
+    report = json.loads(result.stdout)
+    [series] = report["series"]
+    assert "cnr_liver_vs_air" in series["summary"] and "liver_vs_air" in report["settings"]["cnr"]
+    assert report["settings"]["roi_selection"].startswith("given by the user")
+    # liver (~100 HU) against air (-1000 HU) with ~40 HU of noise: a large contrast-to-noise ratio
+    assert all(row["cnr_liver_vs_air"] > 5 for row in series["per_slice"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli("evaluate", "--reference", study["full"], study["low"], "--roi-file", bad).exit_code == 2
