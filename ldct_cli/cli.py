@@ -376,7 +376,9 @@ def evaluate(
              'CNR: {"roi_px": 16, "uniform": [[row, col], ...], "cnr": [{"name": "lesion", '
              '"a": [row, col], "b": [row, col]}]} (top-left corners, pixels).')] = None,
     rois: Annotated[int, typer.Option(help="Uniform ROIs per slice.")] = 4,
-    montage_slices: Annotated[int, typer.Option(help="Slices shown in each montage.")] = 3,
+    montage_slices: Annotated[int, typer.Option(help="Slices shown in each montage, spread along z.")] = 3,
+    montage_z: Annotated[Optional[str], typer.Option(
+        help="Show the slices nearest these positions instead, e.g. -120.5,-60 (mm along the normal).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the full results as JSON on stdout.")] = False,
 ) -> None:
@@ -429,6 +431,11 @@ def evaluate(
             tests = [s for k, d in enumerate(test_dirs)
                      for s in ev.load_input(d, label[k] if label else None)]
             references = ev.load_input(reference) if reference is not None else None
+        if montage_z:
+            try:
+                montage_slices = [float(z) for z in montage_z.split(",")]
+            except ValueError:
+                raise UsageError(f"--montage-z {montage_z!r}: positions in mm, e.g. -120.5,-60") from None
         report = ev.evaluate(tests, reference=references, settings=settings, out=out,
                              montage_slices=montage_slices)
     except UsageError as exc:

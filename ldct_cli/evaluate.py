@@ -295,7 +295,7 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
 
 
 def evaluate(tests: list[InputSeries], *, reference: list[InputSeries] | None, settings: Settings,
-             out: Path | None = None, montage_slices: int = 3) -> dict:
+             out: Path | None = None, montage_slices: int | list[float] = 3) -> dict:
     """Score every test series; write CSV, JSON, pictures and HTML into ``out`` if given."""
     results = []
     if reference is not None:
@@ -381,7 +381,8 @@ def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def write_outputs(out: Path, report: dict, results: list[Scores], tests: list[InputSeries],
-                  references: list[InputSeries], settings: Settings, montage_slices: int) -> None:
+                  references: list[InputSeries], settings: Settings,
+                  montage_slices: int | list[float]) -> None:
     """scores.json, per-slice and per-series CSV, montage/NPS/PSNR pictures, report.html."""
     from ldct_cli import report as pictures
 
@@ -429,7 +430,7 @@ def write_outputs(out: Path, report: dict, results: list[Scores], tests: list[In
 
 
 def _montages(out: Path, tests: list[InputSeries], references: list[InputSeries], results: list[Scores],
-              settings: Settings, n_rows: int) -> list[tuple[str, Path]]:
+              settings: Settings, n_rows: int | list[float]) -> list[tuple[str, Path]]:
     """One montage per reference: chosen slices, each test, the reference, |differences|."""
     from ldct_cli import metrics
     from ldct_cli import report as pictures
@@ -445,7 +446,11 @@ def _montages(out: Path, tests: list[InputSeries], references: list[InputSeries]
         pairs = pair_by_position(anchor, ref) if ref is not None else [(i, i) for i in range(anchor.n_slices)]
         if not pairs:
             continue
-        chosen = [pairs[int(k)] for k in np.linspace(0, len(pairs) - 1, min(n_rows, len(pairs))).round()]
+        if isinstance(n_rows, int):  # that many slices, spread evenly along z
+            chosen = [pairs[int(k)] for k in np.linspace(0, len(pairs) - 1, min(n_rows, len(pairs))).round()]
+        else:  # the paired slices nearest the asked positions (mm)
+            z_pairs = np.array([anchor.z_mm[i] for i, _ in pairs])
+            chosen = [pairs[int(np.argmin(np.abs(z_pairs - z)))] for z in n_rows]
         rows = []
         for i_anchor, j_ref in chosen:
             z = anchor.z_mm[i_anchor]

@@ -125,3 +125,18 @@ def test_roi_file_gives_fixed_rois_and_cnr(study, cli, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert cli("evaluate", "--reference", study["full"], study["low"], "--roi-file", bad).exit_code == 2
+
+
+def test_montage_at_chosen_positions(study, cli, tmp_path):
+    _run(cli, "--reference", study["full"], study["low"], "--out", tmp_path / "r", "--montage-z", "-3,-6",
+         "--device", "cpu", "--roi-size", "8")
+    from matplotlib.image import imread
+
+    [montage] = (tmp_path / "r").glob("montage_*.png")
+    two_rows = imread(montage).shape[0]
+    _run(cli, "--reference", study["full"], study["low"], "--out", tmp_path / "s", "--montage-slices", "3",
+         "--device", "cpu", "--roi-size", "8")
+    [montage] = (tmp_path / "s").glob("montage_*.png")
+    three_rows = imread(montage).shape[0]
+    assert two_rows < three_rows  # one row per asked position
+    assert cli("evaluate", "--reference", study["full"], study["low"], "--montage-z", "x").exit_code == 2
