@@ -490,3 +490,16 @@ def test_real_model_keeps_padding_rescale_and_range(shared_ct, tmp_path, checkpo
         assert "blend 0 " in str(ds.DerivationDescription)
         changed += int(np.count_nonzero(stored[~padding] != original[~padding]))
     assert changed, "the model left every anatomy pixel unchanged: it did not run"
+
+
+@pytest.mark.parametrize("image", ["CT1", "CT2"])
+@pytest.mark.parametrize("syntax", ["RLE", "JPLL", "JLSL", "J2KR"])
+def test_lossless_wg04_files_decode_bit_exact(shared_ct, image, syntax):
+    """The installed decoders (RLE, GDCM for JPEG Lossless, CharLS, OpenJPEG) give back exactly
+    the uncompressed original's pixels, through the project's own reader."""
+    from ldct_cli.dicom.read import load_slice
+
+    folder = shared_ct / "wg04_transfer_syntaxes"
+    _, original = load_slice(folder / f"{image}_UNC")
+    _, decoded = load_slice(folder / f"{image}_{syntax}")
+    assert np.array_equal(decoded.astype(np.int64), original.astype(np.int64))
