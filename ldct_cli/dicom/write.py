@@ -123,9 +123,10 @@ def stored_range(ds: Dataset) -> tuple[int, int]:
 def hu_to_stored(image_hu: np.ndarray, ds: Dataset) -> tuple[np.ndarray, int]:
     """round((HU - intercept) / slope), clipped to the Bits Stored range; and how many clipped."""
     slope, intercept = rescale_of(ds)
-    values = image_hu.astype(np.float64)  # float64: exact for every 16-bit stored value
-    values -= intercept
-    values /= slope
+    values = np.array(image_hu, dtype=np.float32)  # a copy; float32 rounds 16-bit values exactly
+    values -= np.float32(intercept)
+    if slope != 1.0:
+        values /= np.float32(slope)
     np.rint(values, out=values)
     lo, hi = stored_range(ds)
     n_clipped = int(np.count_nonzero(values < lo)) + int(np.count_nonzero(values > hi))
