@@ -198,6 +198,8 @@ def simulate(
     back-projection and added to the image. Each output is a derived DICOM series, like
     the output of denoise, so it can be denoised and evaluated.
 
+    Exit code: 0 all done, 1 some file or series failed, 2 bad usage.
+
     Examples:
 
       ldct simulate abdomen/ quarter/ --dose 0.25

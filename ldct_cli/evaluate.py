@@ -380,6 +380,17 @@ def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _write_csv(path: Path, settings_row: dict, header: list[str], rows: list[list]) -> None:
+    """A CSV whose first line names the window, L and SSIM variant the numbers depend on."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([f"# window {settings_row['window_hu']} HU, L={settings_row['data_range_L']}, "
+                             f"SSIM {settings_row['ssim_variant']}"])
+            writer.writerow(header)
+            writer.writerows(rows)
+
+
 def write_outputs(out: Path, report: dict, results: list[Scores], tests: list[InputSeries],
                   references: list[InputSeries], settings: Settings,
                   montage_slices: int | list[float]) -> None:
@@ -391,23 +402,11 @@ def write_outputs(out: Path, report: dict, results: list[Scores], tests: list[In
         tmp.write_text(json.dumps(report, indent=2))
     header, rows = summary_rows(report)
     settings_row = report["settings"]
-    with atomic_path(out / "scores_per_series.csv") as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow([f"# window {settings_row['window_hu']} HU, L={settings_row['data_range_L']}, "
-                             f"SSIM {settings_row['ssim_variant']}"])
-            writer.writerow(header)
-            writer.writerows(rows)
     keys = sorted({k for s in report["series"] for row in s["per_slice"] for k in row})
-    with atomic_path(out / "scores_per_slice.csv") as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow([f"# window {settings_row['window_hu']} HU, L={settings_row['data_range_L']}, "
-                             f"SSIM {settings_row['ssim_variant']}"])
-            writer.writerow(["series"] + keys)
-            for s in report["series"]:
-                for row in s["per_slice"]:
-                    writer.writerow([s["label"]] + [row.get(k, "") for k in keys])
+    per_slice = [[s["label"]] + [row.get(k, "") for k in keys]
+                 for s in report["series"] for row in s["per_slice"]]
+    _write_csv(out / "scores_per_series.csv", settings_row, header, rows)
+    _write_csv(out / "scores_per_slice.csv", settings_row, ["series"] + keys, per_slice)
     images = []
     curves = {s.label: (s.nps_f, s.nps) for s in results if s.nps is not None}
     if curves:

@@ -372,12 +372,12 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
     progress.run_started(len(found.series))
     with contextlib.nullcontext(executor) if executor else make_executor(options.workers) as executor:
         for series in found.series:
-            final = output_folder(series, input_path, output_dir, derivation,
-                                  derivation.uid("series", series.key))
+            series_uid = derivation.uid("series", series.key)
+            final = output_folder(series, input_path, output_dir, derivation, series_uid)
             if final.exists() and not options.overwrite:
                 summary.series.append(SeriesResult(
                     input=str(series.folder), output=str(final), series_uid=series.series_uid,
-                    output_series_uid=derivation.uid("series", series.key), slices=series.n_slices,
+                    output_series_uid=series_uid, slices=series.n_slices,
                     status="skipped", error="already complete (use --overwrite to write it again)"))
                 progress.series_finished(summary.series[-1])
                 continue

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldct_cli.dicom.write import Derivation
-from ldct_cli.errors import UsageError
+from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.pipeline import DenoiseOptions, RunSummary, now_for_dicom, run_denoise
 
 
@@ -115,7 +115,9 @@ def make_phantom(output_dir: Path | str, *, n_slices: int = 32, size: int = 512,
         low_root = output_dir / dose_label(dose)
         summary = simulate(full, low_root, dose=dose, i0=i0, seed=seed, device=device, options=options)
         if summary.exit_code != 0:
-            raise UsageError(f"{low_root}: simulation failed: {summary.series[0].error if summary.series else ''}")
+            # the full-dose series exists: a failure here is not a usage error (exit 1)
+            raise LdctError(f"{low_root}: simulation failed: "
+                            f"{summary.series[0].error if summary.series else 'no series'}")
         low = Path(summary.series[0].output)
     return PhantomResult(full_dose=full, low_dose=low, slices=n_slices)
 
