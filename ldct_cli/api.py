@@ -47,6 +47,9 @@ def build_denoiser(*, model: str | None = None, weights: Path | str | None = Non
     With ``options.blend == 1`` the model never runs, so only its header is read.
     """
     path = resolve_weights(model=model, weights=weights)
+    kind = get_model_info(read_checkpoint_info(path).model).kind
+    if kind != "generator":
+        raise UsageError(f"{path}: a {kind} network (used by training), not a denoising generator")
     if options.blend >= 1.0:
         info: CheckpointInfo = read_checkpoint_info(path)
         denoiser = None

@@ -461,6 +461,143 @@ def evaluate(
         err.print(f"report: {out / 'report.html'}", markup=False)
 
 
+RESUMABLE_KEYS = ("schedule.max_steps", "schedule.max_minutes", "device", "data.workers")
+
+
+def _set_values(items: list[str]) -> dict:
+    """``--set section.key=value`` pairs; values are read as TOML (numbers, true, "text", [..])."""
+    import tomllib
+
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.pixel_weight=0.5")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except ValueError:
+            values[key.strip()] = text.strip()  # bare words are text: --set loss.pixel=l1
+    return values
+
+
+@app.command()
+def train(
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help=f"Generator to train: {', '.join(list_models(None))}.")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Dataset folder made by `ldct prepare`.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Run folder to create (config, checkpoints, metrics log, curves).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="TOML (or a run's config.json) over the model's paper recipe; or a "
+                               "bundled preset: cnn_mse, cnn_vgg, wgan_mse (Yang et al.'s variants).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue this run folder exactly where it stopped.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many generator updates.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop (and save) after this many minutes of this session.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Patches per batch.")] = None,
+    patch_size: Annotated[Optional[int], typer.Option(help="Patch side in pixels.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Generator learning rate.")] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Validate (and save) every N steps.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the full state every N steps.")] = None,
+    perceptual: Annotated[Optional[str], typer.Option(
+        help="Perceptual features: vgg19, vgg16 (need --vgg-weights) or ct (bundled). "
+             "Default: the recipe's; 'auto' = vgg19 with a VGG file, else ct.")] = None,
+    vgg_weights: Annotated[Optional[Path], typer.Option(
+        help="torchvision's vgg19-dcbb9e9d.pth / vgg16-397923af.pth (or $LDCT_VGG_WEIGHTS).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, patches and noise.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="auto (bf16 on CUDA when supported), fp32, bf16, fp16. The CPU trains in fp32.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader processes drawing patches.")] = None,
+    set_values: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Any config key: --set loss.perceptual_weight=0.05 (repeatable).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Train a generator with its paper's losses and hyperparameters (defaults < --config < flags).
+
+    Writes OUT/config.json, state.pt (to resume), best.safetensors and last.safetensors (for `ldct denoise --weights OUT`), metrics.jsonl and curves.png. Validation on full held-out slices every --val-every steps keeps the best PSNR.
+
+    Ctrl-C (or SIGTERM) saves and stops; continue with --resume OUT. Multi-GPU and multi-node: launch with torchrun (DistributedDataParallel; rank 0 writes).
+
+    Exit codes: 0 done, 1 failed, 2 bad options, 130 interrupted (state saved).
+
+    Examples:
+
+      ldct train --model redcnn --data dataset/ --out runs/redcnn
+
+      ldct train --model wgan_vgg --data dataset/ --out runs/wgan --vgg-weights vgg19-dcbb9e9d.pth
+
+      ldct train --config wgan_mse --data dataset/ --out runs/wgan_mse --max-minutes 60
+
+      ldct train --resume runs/redcnn --max-steps 200000
+
+      torchrun --nproc_per_node 4 -m ldct_cli train --model pix2pix --data dataset/ --out runs/p2p
+    """
+    from ldct_cli.cli_progress import RichTrainProgress
+    from ldct_cli.training.config import resolve_config
+    from ldct_cli.training.loop import CONFIG_FILE, train as run_training
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    flags = {"data.path": str(data) if data is not None else None, "schedule.max_steps": max_steps,
+             "schedule.max_minutes": max_minutes, "data.batch_size": batch_size,
+             "data.patch_size": patch_size, "optimizer.lr": lr, "schedule.val_every": val_every,
+             "schedule.checkpoint_every": checkpoint_every, "loss.perceptual": perceptual,
+             "vgg_weights": str(vgg_weights) if vgg_weights is not None else None, "seed": seed,
+             "device": device, "precision": precision, "data.workers": workers}
+    try:
+        flags.update(_set_values(set_values or []))
+        given = {k: v for k, v in flags.items() if v is not None}
+        if resume is not None:
+            changed = sorted(set(given) - set(RESUMABLE_KEYS))
+            if model or config or changed or (out is not None and out != resume):
+                raise UsageError("--resume continues a run as it was configured; only --max-steps, "
+                                 "--max-minutes, --device and --workers may change"
+                                 + (f" (not {', '.join(changed)})" if changed else ""))
+            if not (resume / CONFIG_FILE).is_file():
+                raise UsageError(f"{resume}: not a run folder (no {CONFIG_FILE})")
+            cfg = resolve_config(model=None, config_file=resume / CONFIG_FILE, overrides=given)
+            run_dir = resume
+        else:
+            if out is None:
+                raise UsageError("--out RUN_DIR is required (or --resume RUN_DIR)")
+            cfg = resolve_config(model=model, config_file=config, overrides=given)
+            if not cfg.data.path:
+                raise UsageError("--data DATASET is required (a folder made by `ldct prepare`)")
+            run_dir = out
+        if not (Path(cfg.data.path) / "manifest.json").is_file():
+            raise UsageError(f"{cfg.data.path}: not a dataset (no manifest.json); make one with `ldct prepare`")
+        show = rank0 and not quiet and not json_out
+        with RichTrainProgress(err, enabled=show) as bar:
+            result = run_training(cfg, run_dir, resume=resume is not None, progress=bar)
+    except UsageError as exc:
+        raise _fail(str(exc), EXIT_USAGE)
+    except (LdctError, FloatingPointError) as exc:
+        raise _fail(str(exc), EXIT_FAILED)
+    if not rank0:
+        return
+    summary = {"run": str(result.run_dir), "model": cfg.model, "recipe": cfg.recipe,
+               "steps": result.step, "stopped": result.stopped, "seconds": round(result.seconds, 1),
+               "patches_per_s": round(result.patches_per_s, 2),
+               "data_wait_fraction": round(result.data_wait_fraction, 4),
+               "world_size": result.world_size, "input": result.input_metrics, "best": result.best,
+               "last": result.last_val}
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        best = result.best
+        err.print(f"{result.run_dir}: {result.step} steps ({result.stopped}), "
+                  f"{result.patches_per_s:.1f} patches/s, waiting for data {100 * result.data_wait_fraction:.1f}%"
+                  + (f"; best val PSNR {best['psnr']:.2f} dB at step {best['step']} "
+                     f"(input {result.input_metrics['psnr']:.2f} dB)" if best else ""), markup=False)
+    if result.stopped == "interrupted":
+        err.print(f"interrupted: state saved at step {result.step}; continue with "
+                  f"ldct train --resume {result.run_dir}", markup=False)
+        raise typer.Exit(130)
+
+
 @app.command()
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,

@@ -45,3 +45,41 @@ class RichProgress:
         if self.enabled and result.status == "done":
             self._bar.console.print(f"wrote {result.slices} slices to {result.output} "
                                     f"({result.seconds:.1f} s)", markup=False, highlight=False)
+
+
+class RichTrainProgress:
+    """Implements the training loop's TrainProgress: a step bar with live losses and patches/s."""
+
+    def __init__(self, console: Console, *, enabled: bool):
+        self.console = console
+        self.enabled = enabled
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                             console=console, transient=False, disable=not enabled)
+        self._task = None
+        self._val = ""
+
+    def __enter__(self) -> "RichTrainProgress":
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+    def started(self, *, start_step: int, max_steps: int, info: dict) -> None:
+        base = info.get("input") or {}
+        if base:
+            self._val = f"input PSNR {base['psnr']:.2f}"
+        self._task = self._bar.add_task("steps", total=max_steps, completed=start_step, status=self._val)
+
+    def stepped(self, step: int, losses: dict, patches_per_s: float) -> None:
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in list(losses.items())[:4])
+        self._bar.update(self._task, completed=step,
+                         status=f"{shown}  {patches_per_s:.1f} patches/s  {self._val}")
+
+    def validated(self, step: int, metrics: dict, *, best: bool) -> None:
+        self._val = f"val PSNR {metrics['psnr']:.2f}{' (best)' if best else ''}"
+        if self.enabled:
+            self.console.print(f"step {step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+                               f"RMSE {metrics['rmse_hu']:.1f} HU{'  best' if best else ''}",
+                               markup=False, highlight=False)

@@ -25,6 +25,10 @@ class ModelInfo:
     paper: str
     hu_norm: HUNormalization
     default_kwargs: dict[str, Any] = field(default_factory=dict)
+    # "generator": denoises (``ldct denoise``); "features": a perceptual feature
+    # extractor that training uses (never offered to ``ldct denoise``).
+    kind: str = "generator"
+    recipe: str = "supervised"  # the training step of ``ldct train`` (ldct_cli.training.steps)
 
     def load_class(self):
         module_name, _, class_name = self.target.partition(":")
@@ -38,13 +42,18 @@ def register_model(info: ModelInfo) -> ModelInfo:
     """Add a model; a second model of the same name is an error, not a warning."""
     if info.name in _REGISTRY:
         raise ValueError(f"model {info.name!r} is registered twice")
+    if info.kind not in KINDS:
+        raise ValueError(f"model {info.name!r}: kind {info.kind!r} is not one of {KINDS}")
     _REGISTRY[info.name] = info
     return info
 
 
-def list_models() -> list[str]:
-    """Registered model names, in registration order."""
-    return list(_REGISTRY)
+KINDS = ("generator", "features")
+
+
+def list_models(kind: str | None = "generator") -> list[str]:
+    """Registered model names of one kind (``None``: all), in registration order."""
+    return [name for name, info in _REGISTRY.items() if kind is None or info.kind == kind]
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -89,6 +98,7 @@ register_model(ModelInfo(
     paper="H. Chen et al., Low-Dose CT With a Residual Encoder-Decoder Convolutional Neural Network, "
           "IEEE TMI 36(12), 2017",
     hu_norm=UNIT_RANGE,
+    recipe="supervised",
 ))
 register_model(ModelInfo(
     name="wgan_vgg",
@@ -97,6 +107,7 @@ register_model(ModelInfo(
     paper="Q. Yang et al., Low-Dose CT Image Denoising Using a Generative Adversarial Network With "
           "Wasserstein Distance and Perceptual Loss, IEEE TMI 37(6), 2018",
     hu_norm=UNIT_RANGE,
+    recipe="wgan_gp",
 ))
 register_model(ModelInfo(
     name="pix2pix",
@@ -104,4 +115,16 @@ register_model(ModelInfo(
     title="Pix2Pix U-Net generator: 4x4 stride-2 convs, BatchNorm, skips, dropout, tanh",
     paper="P. Isola et al., Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017",
     hu_norm=SYMMETRIC_RANGE,
+    recipe="pix2pix",
+))
+register_model(ModelInfo(
+    name="ct_features",
+    target="ldct_cli.training.perceptual:CtAutoencoder",
+    title="CT feature extractor: convolutional autoencoder trained on full-dose CT patches; "
+          "its encoder gives the perceptual loss's features (--perceptual ct)",
+    paper="M. Li et al., SACNN: Self-Attention Convolutional Neural Network for Low-Dose CT "
+          "Denoising With Self-Supervised Perceptual Loss Network, IEEE TMI 39(7), 2020",
+    hu_norm=UNIT_RANGE,
+    kind="features",
+    recipe="autoencoder",
 ))

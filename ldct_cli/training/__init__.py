@@ -1,0 +1,1 @@
+"""Training: the loop, the per-recipe steps, data and auxiliary networks."""

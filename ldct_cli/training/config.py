@@ -1,0 +1,283 @@
+"""Training configuration: frozen dataclasses, one resolver (defaults < recipe < file < flags).
+
+Every registered model has a recipe file ``recipes/<model>.toml`` with the numbers of
+its paper; a user's ``--config`` (TOML or the ``config.json`` of an earlier run, or the
+name of a bundled preset such as ``wgan_mse``) overrides it, and command-line flags
+override both. An unknown key is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from ldct_cli.errors import UsageError
+from ldct_cli.models.registry import get_model_info
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder")
+PIXEL_LOSSES = ("mse", "l1", "none")
+PERCEPTUAL = ("none", "auto", "vgg19", "vgg16", "ct")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where patches come from and how they are drawn (``ldct_cli.training.data``)."""
+
+    path: str = ""
+    patch_size: int = 64
+    batch_size: int = 16
+    augment: bool = True  # random flips and 90-degree rotations
+    body_threshold_hu: float = -500.0
+    min_body_fraction: float = 0.5
+    workers: int = 2  # DataLoader worker processes; 0 samples in the training process
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The generator's loss terms; a recipe's variants switch terms on and off."""
+
+    pixel: str = "mse"  # "mse", "l1" or "none"
+    pixel_weight: float = 1.0
+    perceptual: str = "none"  # "auto": vgg19 when a VGG file is given, else the CT features
+    perceptual_weight: float = 0.0
+    perceptual_layer: str = ""  # "" = the extractor's default (VGG: conv5_4 / conv5_3)
+    adversarial_weight: float = 0.0
+    gradient_penalty: float = 10.0  # WGAN-GP's lambda
+    n_critic: int = 4  # critic updates per generator update (WGAN-GP)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam; the learning rate decays exponentially from ``lr`` to ``lr_final`` over
+    ``decay_steps`` and stays there (a schedule of the step alone, so resuming and a
+    different ``--max-steps`` cannot change it)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_final: float = 0.0  # 0: no decay
+    decay_steps: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How long to train and how often to validate, log and save."""
+
+    max_steps: int = 100_000
+    max_minutes: float = 0.0  # 0: no time limit
+    val_every: int = 500
+    val_slices: int = 4  # full held-out slices scored at each validation
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; saved with the run and in its checkpoints."""
+
+    model: str
+    recipe: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()  # the generator's
+    critic_optimizer: OptimizerConfig = OptimizerConfig()  # the critic's / discriminator's
+    schedule: ScheduleConfig = ScheduleConfig()
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # autocast on CUDA: bf16 when supported; CPU always fp32
+    window: str = "abdomen"  # the display window PSNR and SSIM are computed in
+    vgg_weights: str = ""  # a torchvision-layout VGG file (or $LDCT_VGG_WEIGHTS)
+    ct_weights: str = ""  # "" = the bundled weights/ct_features.safetensors
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @property
+    def context_slices(self) -> int:
+        return int(self.model_kwargs.get("in_slices", 1))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def presets() -> list[str]:
+    """Bundled config files: one per model (its paper's recipe) plus named variants."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def read_config_file(path_or_preset: Path | str) -> dict[str, Any]:
+    """A TOML or JSON config file, or a bundled preset by name, as a nested dict."""
+    path = Path(path_or_preset)
+    if not path.is_file():
+        preset = RECIPES_DIR / f"{path_or_preset}.toml"
+        if preset.is_file() and os.sep not in str(path_or_preset):
+            path = preset
+        else:
+            raise UsageError(f"--config {path_or_preset}: no such file, and not a bundled preset "
+                             f"({', '.join(presets())})")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise UsageError(f"{path}: cannot read config ({exc})") from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "model_kwargs":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _coerce(value, hint, where: str):
+    """Check (and gently convert: int -> float, list -> tuple) one value against its type."""
+    origin = get_origin(hint)
+    if origin is tuple:
+        items = get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise UsageError(f"config {where}: expected {len(items)} numbers, got {value!r}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, items))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"config {where}: expected a table, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"config {where}: expected true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"config {where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UsageError(f"config {where}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise UsageError(f"config {where}: expected text, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: dict, where: str = ""):
+    """A (nested) frozen dataclass from a dict; unknown keys are errors."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        place = f"[{where}]" if where else "the top level"
+        raise UsageError(f"config: unknown key(s) {', '.join(unknown)} in {place} "
+                         f"(known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UsageError(f"config {key}: expected a table")
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def resolve_config(*, model: str | None, config_file: Path | str | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < the model's recipe file < ``config_file`` < ``overrides`` (dotted keys).
+
+    ``overrides`` come from command-line flags: ``{"schedule.max_steps": 200, "seed": 1}``.
+    """
+    user = read_config_file(config_file) if config_file is not None else {}
+    file_model = user.get("model")
+    if model and file_model and file_model != model:
+        raise UsageError(f"--config {config_file} is for model {file_model!r}, not --model {model!r}")
+    name = model or file_model
+    if not name:
+        raise UsageError("name the model to train: --model NAME (or `model = ...` in --config)")
+    info = get_model_info(name)
+    recipe_file = RECIPES_DIR / f"{name}.toml"
+    tree: dict[str, Any] = {"model": name, "recipe": info.recipe}
+    if recipe_file.is_file():
+        tree = _merge(tree, tomllib.loads(recipe_file.read_text()))
+    tree = _merge(tree, user)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    config = _build(TrainConfig, tree)
+    return validate(config)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check the values' ranges and combinations; resolve ``perceptual = "auto"``."""
+    def bad(message: str):
+        raise UsageError(f"config: {message}")
+
+    if config.recipe not in RECIPES:
+        bad(f"recipe {config.recipe!r} is not one of {', '.join(RECIPES)}")
+    info = get_model_info(config.model)
+    if (info.kind == "features") != (config.recipe == "autoencoder"):
+        bad(f"model {config.model!r} ({info.kind}) cannot train with recipe {config.recipe!r}")
+    loss, data, sched = config.loss, config.data, config.schedule
+    if loss.pixel not in PIXEL_LOSSES:
+        bad(f"loss.pixel {loss.pixel!r} is not one of {', '.join(PIXEL_LOSSES)}")
+    if loss.perceptual not in PERCEPTUAL:
+        bad(f"loss.perceptual {loss.perceptual!r} is not one of {', '.join(PERCEPTUAL)}")
+    if config.precision not in PRECISIONS:
+        bad(f"precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if data.patch_size < 8 or data.batch_size < 1 or data.workers < 0:
+        bad("data.patch_size >= 8, data.batch_size >= 1 and data.workers >= 0")
+    if sched.max_steps < 1 or sched.val_every < 1 or sched.checkpoint_every < 1 or sched.log_every < 1:
+        bad("schedule.max_steps, val_every, checkpoint_every and log_every must be at least 1")
+    if sched.max_minutes < 0 or sched.val_slices < 1:
+        bad("schedule.max_minutes >= 0 and schedule.val_slices >= 1")
+    if loss.n_critic < 1:
+        bad("loss.n_critic must be at least 1")
+    for opt in (config.optimizer, config.critic_optimizer):
+        if opt.lr <= 0 or opt.lr_final < 0 or opt.decay_steps < 0:
+            bad("optimizer lr > 0, lr_final >= 0, decay_steps >= 0")
+    if config.recipe == "wgan_gp" and loss.adversarial_weight <= 0:
+        bad("recipe wgan_gp needs loss.adversarial_weight > 0 (without it use recipe supervised: "
+            "the CNN-MSE / CNN-VGG variants)")
+    has_pixel = loss.pixel != "none" and loss.pixel_weight > 0
+    has_perceptual = loss.perceptual != "none" and loss.perceptual_weight > 0
+    if config.recipe == "supervised" and not (has_pixel or has_perceptual):
+        bad("recipe supervised needs a pixel or a perceptual loss term")
+    if loss.perceptual == "auto":
+        vgg = config.vgg_weights or os.environ.get("LDCT_VGG_WEIGHTS", "")
+        config = replace(config, loss=replace(loss, perceptual="vgg19" if vgg else "ct"),
+                         vgg_weights=vgg)
+    elif loss.perceptual in ("vgg19", "vgg16") and not config.vgg_weights:
+        config = replace(config, vgg_weights=os.environ.get("LDCT_VGG_WEIGHTS", ""))
+    return config
+
+
+def batches_per_step(config: TrainConfig) -> int:
+    """Batches one generator update consumes: WGAN-GP's critic draws its own batches."""
+    return config.loss.n_critic + 1 if config.recipe == "wgan_gp" else 1
