@@ -25,6 +25,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_denoise --out bench-out
+	$(BIN)/python -m benchmarks.bench_train --out bench-out
 
 clean:
 	rm -rf $(VENV) bench-out *.egg-info

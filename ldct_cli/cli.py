@@ -602,27 +602,29 @@ def train(
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
 ) -> None:
-    """List every registered model: what it is and the paper it comes from.
+    """List every registered model: what it is, the paper it comes from, its training recipe.
+
+    Generators denoise (`ldct denoise --model`); the "features" network is the CT perceptual-loss extractor that `ldct train` uses.
 
     Example: ldct models --json
     """
     from ldct_cli.api import bundled_checkpoint
 
     rows = []
-    for name in list_models():
+    for name in list_models(None):
         info = get_model_info(name)
         bundled = bundled_checkpoint(name)
-        rows.append({"name": name, "title": info.title, "paper": info.paper,
-                     "hu_norm": info.hu_norm.to_dict(),
+        rows.append({"name": name, "kind": info.kind, "recipe": info.recipe, "title": info.title,
+                     "paper": info.paper, "hu_norm": info.hu_norm.to_dict(),
                      "bundled_weights": str(bundled) if bundled else None})
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.table import Table
 
-    table = Table("model", "what", "paper", "bundled weights")
+    table = Table("model", "kind", "what", "paper", "bundled weights")
     for row in rows:
-        table.add_row(row["name"], row["title"], row["paper"], row["bundled_weights"] or "none yet")
+        table.add_row(row["name"], row["kind"], row["title"], row["paper"], row["bundled_weights"] or "none yet")
     Console().print(table)
 
 

@@ -21,6 +21,10 @@ from torch import nn
 class UNetGenerator(nn.Module):
     """(B, in_slices, H, W) in [-1, 1] -> (B, 1, H, W); H and W multiples of 2**depth."""
 
+    # Training on the CPU runs this network faster in the default layout than channels-last
+    # (measured 0.096 vs 0.101 s per 256x256 step on 2 cores); RED-CNN and WGAN-VGG gain 1.4-1.8x.
+    cpu_channels_last = False
+
     def __init__(self, in_slices: int = 1, base_channels: int = 32, max_channels: int = 256,
                  depth: int = 7, n_dropout: int = 3, dropout: float = 0.5):
         super().__init__()

@@ -519,7 +519,9 @@ def test_help_and_version(cli):
     listed = json.loads(cli("models", "--json").stdout)
     from ldct_cli import list_models
 
-    assert [m["name"] for m in listed] == list_models()
+    assert [m["name"] for m in listed] == list_models(None)
+    assert [m["name"] for m in listed if m["kind"] == "generator"] == list_models()
+    assert {m["name"]: m["kind"] for m in listed}["ct_features"] == "features"
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])

@@ -89,6 +89,18 @@ def test_registry_lists_the_three_papers():
     assert len(MODELS) == len(set(MODELS))
 
 
+def test_registry_kinds_keep_feature_extractors_out_of_the_generators():
+    everything = list_models(None)
+    assert set(MODELS) < set(everything)
+    assert list_models("features") == ["ct_features"]
+    assert all(get_model_info(n).kind == "generator" for n in MODELS)
+    assert get_model_info("ct_features").recipe == "autoencoder"
+    bad = dataclasses.replace(get_model_info("redcnn"), name="odd", kind="critic")
+    with pytest.raises(ValueError, match="kind 'critic'"):
+        register_model(bad)
+    assert "odd" not in list_models(None)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_shape_and_metadata(name):
     model = _seeded_model(name)
