@@ -29,7 +29,7 @@ CASES = [
 ]
 
 
-def measure(dataset: Path, work: Path, label: str, name: str, batch: int, extra: dict, *,
+def measure(dataset: Path, run: Path, label: str, name: str, batch: int, extra: dict, *,
             steps: int, workers: int, device: str, ct_weights: str) -> dict:
     from ldct_cli.models.registry import list_models
     from ldct_cli.training.config import resolve_config
@@ -41,7 +41,6 @@ def measure(dataset: Path, work: Path, label: str, name: str, batch: int, extra:
                  "schedule.checkpoint_every": 10 ** 9, "schedule.val_slices": 1, "device": device,
                  "ct_weights": ct_weights, **extra}
     config = resolve_config(model=model, config_file=preset, overrides=overrides)
-    run = work / label.split()[0].replace(",", "") / f"b{batch}"
     result = train(config, run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["patches_per_s"] for r in records if r["kind"] == "train"][2:-1]  # warm-up; last has the save
@@ -77,11 +76,11 @@ def main() -> None:
         ct_weights = tmp / "ct_features.safetensors"  # random weights cost the same time as trained ones
         save_checkpoint(create_model("ct_features"), ct_weights)
         rows = []
-        for label, name, batch, extra in CASES:
+        for index, (label, name, batch, extra) in enumerate(CASES):
             if wanted and label.split()[0] not in wanted and name not in wanted:
                 continue
             steps = args.steps if batch <= 16 else 4
-            rows.append(measure(dataset, tmp / "runs", label, name, batch, extra, steps=steps,
+            rows.append(measure(dataset, tmp / "runs" / str(index), label, name, batch, extra, steps=steps,
                                 workers=args.workers, device=args.device, ct_weights=str(ct_weights)))
             print(json.dumps(rows[-1]), flush=True)
     results = {"machine": machine(), "device": args.device, "workers": args.workers, "rows": rows}

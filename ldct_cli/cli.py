@@ -506,6 +506,9 @@ def train(
              "Default: the recipe's; 'auto' = vgg19 with a VGG file, else ct.")] = None,
     vgg_weights: Annotated[Optional[Path], typer.Option(
         help="torchvision's vgg19-dcbb9e9d.pth / vgg16-397923af.pth (or $LDCT_VGG_WEIGHTS).")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        help="Warm start: begin from this checkpoint (or run folder's best) of the same model, "
+             "e.g. a CNN-MSE run before WGAN-VGG. Recorded in the checkpoints.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, patches and noise.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[Optional[str], typer.Option(
@@ -546,6 +549,7 @@ def train(
              "data.patch_size": patch_size, "optimizer.lr": lr, "schedule.val_every": val_every,
              "schedule.checkpoint_every": checkpoint_every, "loss.perceptual": perceptual,
              "vgg_weights": str(vgg_weights) if vgg_weights is not None else None, "seed": seed,
+             "init": str(init) if init is not None else None,
              "device": device, "precision": precision, "data.workers": workers}
     try:
         flags.update(_set_values(set_values or []))

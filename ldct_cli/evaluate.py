@@ -230,13 +230,14 @@ def _chunks(pairs: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
 
 
 def score_series(test: InputSeries, against: InputSeries | None, settings: Settings, *,
-                 with_reference: bool) -> Scores:
+                 with_reference: bool, slices: list[int] | None = None) -> Scores:
     """Per-slice scores of ``test`` against ``against`` (the reference, or the test's source).
 
     With a reference: PSNR and SSIM in the window, RMSE in HU (whole slice and body),
     noise SD and HU bias in uniform ROIs found on the reference. Without: noise SD of
     the test and HU bias against its source in ROIs found on the source. The noise
-    power spectrum comes from the test's ROIs, detrended.
+    power spectrum comes from the test's ROIs, detrended. ``slices`` (without ``against``)
+    limits the series to those slices.
     """
     from ldct_cli import metrics
 
@@ -253,7 +254,7 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
         if len(pairs) < test.n_slices:
             scores.notes.append(f"{test.n_slices - len(pairs)} slices without a partner were left out")
     else:
-        pairs = [(i, i) for i in range(test.n_slices)]
+        pairs = [(i, i) for i in (slices if slices is not None else range(test.n_slices))]
     window, roi = settings.window, settings.roi_px
     nps_sum, nps_count, fx, fy = None, 0, None, None
     for chunk in _chunks(pairs):
@@ -297,26 +298,37 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
 def evaluate(tests: list[InputSeries], *, reference: list[InputSeries] | None, settings: Settings,
              out: Path | None = None, montage_slices: int | list[float] = 3) -> dict:
     """Score every test series; write CSV, JSON, pictures and HTML into ``out`` if given."""
-    results = []
+    results, roles = [], []
     if reference is not None:
+        paired: dict[int, tuple[InputSeries, set[int]]] = {}
         for test in tests:
             ref = _matching_reference(test, reference)
             results.append(score_series(test, ref, settings, with_reference=True))
+            paired.setdefault(id(ref), (ref, set()))[1].update(j for _, j in pair_by_position(test, ref))
+        roles = ["test"] * len(results)
+        # The reference's own noise and NPS, on the slices the tests were paired with and in
+        # the same ROIs (found on the reference): what a denoiser's texture should approach.
+        for ref, used in paired.values():
+            scores = score_series(ref, None, settings, with_reference=False, slices=sorted(used))
+            scores.label = f"{ref.label} (reference)"
+            results.append(scores)
+            roles.append("reference")
         references = reference
     else:
         by_uid = {t.series_uid: t for t in tests if t.series_uid}
         for test in tests:
             source = by_uid.get(test.source_series_uid)
             results.append(score_series(test, source, settings, with_reference=False))
+        roles = ["test"] * len(results)
         references = []
     report = {
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings_dict(settings, with_reference=reference is not None),
-        "series": [{"label": s.label, "folder": s.folder, "against": s.against, "notes": s.notes,
+        "series": [{"label": s.label, "role": role, "folder": s.folder, "against": s.against, "notes": s.notes,
                     "summary": s.summary(), "per_slice": s.per_slice,
                     "nps": {"f_per_mm": s.nps_f.tolist(), "nps_hu2_mm2": s.nps.tolist()}
-                    if s.nps is not None else None} for s in results],
+                    if s.nps is not None else None} for s, role in zip(results, roles)],
     }
     if out is not None:
         write_outputs(out, report, results, tests, references, settings, montage_slices)

@@ -92,9 +92,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # autocast on CUDA: bf16 when supported; CPU always fp32
-    window: str = "abdomen"  # the display window PSNR and SSIM are computed in
+    window: str = "redcnn"  # PSNR/SSIM window: ldct evaluate's default preset, [-160, 240] HU
     vgg_weights: str = ""  # a torchvision-layout VGG file (or $LDCT_VGG_WEIGHTS)
     ct_weights: str = ""  # "" = the bundled weights/ct_features.safetensors
+    init: str = ""  # warm start: a checkpoint of the same model whose weights the run starts from
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -259,6 +260,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad("schedule.max_minutes >= 0 and schedule.val_slices >= 1")
     if loss.n_critic < 1:
         bad("loss.n_critic must be at least 1")
+    from ldct_cli.metrics import get_window
+
+    try:
+        get_window(config.window)
+    except ValueError as exc:
+        bad(f"window: {exc}")
     for opt in (config.optimizer, config.critic_optimizer):
         if opt.lr <= 0 or opt.lr_final < 0 or opt.decay_steps < 0:
             bad("optimizer lr > 0, lr_final >= 0, decay_steps >= 0")

@@ -237,6 +237,23 @@ def _adam(params, opt: OptimizerConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
 
 
+def _warm_start(generator: torch.nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """Load ``config.init``'s weights into the fresh generator; the same model and kwargs only."""
+    from ldct_cli.checkpoint import load_checkpoint, read_checkpoint_info
+
+    info = read_checkpoint_info(config.init)
+    wanted = dict(generator.ldct_kwargs)
+    if info.model != config.model or info.model_kwargs != wanted:
+        raise UsageError(f"{info.path}: --init needs a checkpoint of {config.model} {wanted}, "
+                         f"this one is {info.model} {info.model_kwargs}")
+    if info.hu_norm != generator.hu_norm:
+        raise UsageError(f"{info.path}: --init checkpoint uses another HU normalization than {config.model}")
+    source, _ = load_checkpoint(info.path)
+    generator.load_state_dict(source.state_dict())
+    return {"file": str(info.path), "tensors_sha256": info.tensors_sha256,
+            "step": info.training.get("step"), "recipe": info.training.get("recipe")}
+
+
 def _check_patch_size(generator: torch.nn.Module, config: TrainConfig) -> None:
     multiple = int(getattr(generator, "size_multiple", 1))
     if config.data.patch_size % multiple:
@@ -357,6 +374,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             from ldct_cli.training.critics import init_pix2pix_weights
 
             generator.apply(init_pix2pix_weights)
+        init_source = _warm_start(generator, config) if config.init and not resume else None
         perceptual = _perceptual(config, device)
         settings = SamplerSettings(
             patch_size=config.data.patch_size, batch_size=config.data.batch_size,
@@ -406,6 +424,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             step, best = int(state["step"]), state.get("best")
+            init_source = state.get("init")
             if len(state["rng"]) == dist_info.world_size:
                 _set_rng_state(state["rng"][dist_info.rank], device)
             else:  # resumed on another number of processes: continues, but not bit for bit
@@ -443,13 +462,15 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                         "perceptual": config.loss.perceptual if parts.perceptual is not None else "none",
                         "perceptual_source": (getattr(parts.perceptual.extractor, "source", None)
                                               if parts.perceptual is not None else None),
+                        "init": init_source,
                         "world_size": dist_info.world_size, "precision": precision,
                         "validation": val, "input_validation": input_metrics, "best": best}
             state = {"step": step, "generator": generator.state_dict(), "opt_g": opt_g.state_dict(),
                      "critic": critic.state_dict() if critic is not None else None,
                      "opt_d": opt_d.state_dict() if opt_d is not None else None,
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "rng": gathered, "best": best, "elapsed_s": elapsed_before + (time.monotonic() - t0),
+                     "rng": gathered, "best": best, "init": init_source,
+                     "elapsed_s": elapsed_before + (time.monotonic() - t0),
                      "config": config.to_dict()}
             with atomic_path(run_dir / STATE_FILE) as tmp:
                 torch.save(state, tmp)

@@ -51,8 +51,14 @@ def test_reference_mode_scores_tables_and_pictures(study, cli, tmp_path):
     settings = report["settings"]
     assert settings["window_hu"] == [-160, 240] and settings["data_range_L"] == 400
     assert "Gaussian 11x11" in settings["ssim_variant"]
-    by_label = {s["label"]: s for s in report["series"]}
+    by_label = {s["label"]: s for s in report["series"] if s["role"] == "test"}
     assert set(by_label) == {"low dose", "wgan", "copy"}
+    # The reference's own noise and NPS, in the same ROIs, for the physicist to compare with.
+    [ref] = [s for s in report["series"] if s["role"] == "reference"]
+    assert ref["label"].endswith("(reference)") and len(ref["per_slice"]) == 4
+    assert "psnr_db" not in ref["summary"] and "hu_bias" not in ref["summary"]
+    assert ref["summary"]["noise_sd_hu"]["mean"] < 0.8 * by_label["low dose"]["summary"]["noise_sd_hu"]["mean"]
+    assert 0 < ref["summary"]["f_avg"] and ref["nps"] is not None
     low, copy = by_label["low dose"]["summary"], by_label["copy"]["summary"]
     # --blend 1 wrote the input's pixels: every score is the input's
     for key in ("psnr_db", "ssim", "rmse_hu"):
@@ -61,14 +67,15 @@ def test_reference_mode_scores_tables_and_pictures(study, cli, tmp_path):
     assert 10 < low["psnr_db"]["mean"] < 40 and 0 < low["ssim"]["mean"] < 1
     with open(report_dir / "scores_per_series.csv") as handle:
         lines = list(csv.reader(handle))
-    assert lines[0][0].startswith("# window") and lines[1][0] == "series" and len(lines) == 5
+    assert lines[0][0].startswith("# window") and lines[1][0] == "series" and len(lines) == 6
+    assert lines[-1][0].endswith("(reference)") and lines[-1][3] == "-"
     html = (report_dir / "report.html").read_text()
     assert "data:image/png;base64" in html and "wgan" in html
 
 
 def test_reference_against_itself_is_perfect(study, cli):
     result = _run(cli, "--reference", study["full"], study["full"], "--json", "--device", "cpu")
-    [series] = json.loads(result.stdout)["series"]
+    [series] = [s for s in json.loads(result.stdout)["series"] if s["role"] == "test"]
     for row in series["per_slice"]:
         assert row["psnr_db"] == float("inf") and row["ssim"] == pytest.approx(1.0) and row["rmse_hu"] == 0
 
@@ -98,10 +105,12 @@ def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkp
     result = _run(cli, "--data", tmp_path / "data", "--split", "test", "--weights", checkpoints["wgan_vgg"],
                   "--json", "--device", "cpu", "--roi-size", "8")
     report = json.loads(result.stdout)
-    labels = [s["label"] for s in report["series"]]
-    assert labels[0] == "low dose" and labels[1].startswith("wgan_vgg")
+    tests = [s for s in report["series"] if s["role"] == "test"]
+    labels = [s["label"] for s in tests]
+    assert labels[0] == "low dose" and labels[1].startswith("wgan_vgg") and len(labels) == 2
     assert all(len(s["per_slice"]) == 2 for s in report["series"])
-    assert all(s["against"] == "full dose" for s in report["series"])
+    assert all(s["against"] == "full dose" for s in tests)
+    assert [s["label"] for s in report["series"] if s["role"] == "reference"] == ["full dose (reference)"]
 
 
 def test_roi_file_gives_fixed_rois_and_cnr(study, cli, tmp_path):
@@ -117,7 +126,7 @@ def test_roi_file_gives_fixed_rois_and_cnr(study, cli, tmp_path):
     path.write_text(json.dumps(rois))
     result = _run(cli, "--reference", study["full"], study["low"], "--roi-file", path, "--json", "--device", "cpu")
     report = json.loads(result.stdout)
-    [series] = report["series"]
+    [series] = [s for s in report["series"] if s["role"] == "test"]
     assert "cnr_liver_vs_air" in series["summary"] and "liver_vs_air" in report["settings"]["cnr"]
     assert report["settings"]["roi_selection"].startswith("given by the user")
     # liver (~100 HU) against air (-1000 HU) with ~40 HU of noise: a large contrast-to-noise ratio

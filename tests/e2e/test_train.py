@@ -155,6 +155,38 @@ def test_max_minutes_stops_and_saves(dataset, ct_weights, tmp_path):
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 1
 
 
+def test_init_warm_starts_from_a_checkpoint_of_the_same_model(dataset, ct_weights, cli, tmp_path):
+    """CNN-MSE first, then WGAN-VGG from its weights: the run starts where the first ended."""
+    first = train(resolve_config(model=None, config_file="cnn_mse", overrides={
+        "data.path": str(dataset), **FAST, **SMALL["wgan_vgg"], "schedule.max_steps": 3,
+        "schedule.val_every": 3}), tmp_path / "cnn_mse")
+    assert first.step == 3
+    source, source_info = load_checkpoint(tmp_path / "cnn_mse" / "last.safetensors")
+    # A learning rate too small to move the weights: what the second run holds is what it loaded.
+    second = train(_config("wgan_vgg", dataset, ct_weights, **{
+        "init": str(tmp_path / "cnn_mse" / "last.safetensors"), "schedule.max_steps": 1,
+        "schedule.val_every": 1, "optimizer.lr": 1e-30}), tmp_path / "wgan")
+    assert second.step == 1
+    warm, info = load_checkpoint(tmp_path / "wgan" / "last.safetensors")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(warm.state_dict()[name], tensor, rtol=0, atol=1e-12)
+    assert info.training["init"]["tensors_sha256"] == source_info.tensors_sha256
+    assert info.training["init"]["recipe"] == "supervised"
+    # Without --init the same run starts from fresh weights.
+    cold = train(_config("wgan_vgg", dataset, ct_weights, **{
+        "schedule.max_steps": 1, "schedule.val_every": 1, "optimizer.lr": 1e-30}), tmp_path / "cold")
+    assert cold.step == 1
+    fresh, fresh_info = load_checkpoint(tmp_path / "cold" / "last.safetensors")
+    assert fresh_info.training["init"] is None
+    assert not torch.equal(fresh.state_dict()["net.0.weight"], source.state_dict()["net.0.weight"])
+    # Another model's checkpoint is refused before anything is written.
+    result = cli("train", "--model", "redcnn", "--data", dataset, "--out", tmp_path / "bad",
+                 "--init", tmp_path / "cnn_mse", *_set_flags({**FAST, **SMALL["redcnn"]}))
+    assert result.exit_code == 2, result.output
+    assert "--init needs a checkpoint of redcnn" in result.output
+    assert not (tmp_path / "bad").exists()
+
+
 def _ddp_worker(rank: int, world: int, port: int, config_json: str, run: str, results: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

@@ -95,6 +95,7 @@ def test_a_run_config_json_reproduces_the_config(tmp_path):
     ("[schedule]\nmax_steps = 0\n", "max_steps"),
     ("[loss]\npixel = 'none'\n", "needs a pixel or a perceptual loss term"),
     ("this is = not toml [\n", "cannot read config"),
+    ("window = 'liver'\n", "window: unknown window 'liver'"),
 ])
 def test_bad_config_files_are_refused_with_the_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"
