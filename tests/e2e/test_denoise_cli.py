@@ -532,7 +532,9 @@ def test_signal_mid_series_removes_partial_output(tmp_path, checkpoints, signal_
     import sys
     import time
 
-    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=40))
+    # Long enough (seconds of work after the first slice is written) that the signal lands
+    # mid-series even when a loaded machine delays this polling loop.
+    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=160))
     command = [sys.executable, "-m", "ldct_cli", "denoise", str(tmp_path / "in"), str(tmp_path / "out"),
                "--weights", str(checkpoints["redcnn"]), "--batch-size", "1", "--quiet"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
