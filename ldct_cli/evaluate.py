@@ -178,6 +178,7 @@ class Scores:
     nps: np.ndarray | None = None
     nps_summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    against_slices: list[int] = field(default_factory=list)  # the reference slices paired with
 
     def summary(self) -> dict:
         """Mean and SD over slices of every numeric per-slice score."""
@@ -255,6 +256,8 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
             scores.notes.append(f"{test.n_slices - len(pairs)} slices without a partner were left out")
     else:
         pairs = [(i, i) for i in (slices if slices is not None else range(test.n_slices))]
+    if against is not None:
+        scores.against_slices = sorted({j for _, j in pairs})
     window, roi = settings.window, settings.roi_px
     nps_sum, nps_count, fx, fy = None, 0, None, None
     for chunk in _chunks(pairs):
@@ -304,7 +307,7 @@ def evaluate(tests: list[InputSeries], *, reference: list[InputSeries] | None, s
         for test in tests:
             ref = _matching_reference(test, reference)
             results.append(score_series(test, ref, settings, with_reference=True))
-            paired.setdefault(id(ref), (ref, set()))[1].update(j for _, j in pair_by_position(test, ref))
+            paired.setdefault(id(ref), (ref, set()))[1].update(results[-1].against_slices)
         roles = ["test"] * len(results)
         # The reference's own noise and NPS, on the slices the tests were paired with and in
         # the same ROIs (found on the reference): what a denoiser's texture should approach.
