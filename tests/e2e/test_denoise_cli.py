@@ -532,12 +532,13 @@ def test_signal_mid_series_removes_partial_output(tmp_path, checkpoints, signal_
     import sys
     import time
 
-    # Long enough (seconds of work after the first slice is written) that the signal lands
-    # mid-series even when a loaded machine delays this polling loop.
-    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=160))
+    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=40))
     command = [sys.executable, "-m", "ldct_cli", "denoise", str(tmp_path / "in"), str(tmp_path / "out"),
                "--weights", str(checkpoints["redcnn"]), "--batch-size", "1", "--quiet"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell (`make test &`) starts with SIGINT ignored,
+    # and children inherit that: give the child the default disposition, as a terminal would.
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob("out/.ldct-partial-*/0001.dcm")):
         assert process.poll() is None and time.monotonic() < deadline, "never started writing"
