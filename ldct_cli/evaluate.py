@@ -179,6 +179,7 @@ class Scores:
     nps_summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     against_slices: list[int] = field(default_factory=list)  # the reference slices paired with
+    role: str = "test"  # or "reference": the reference's own noise and NPS
 
     def summary(self) -> dict:
         """Mean and SD over slices of every numeric per-slice score."""
@@ -301,37 +302,34 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
 def evaluate(tests: list[InputSeries], *, reference: list[InputSeries] | None, settings: Settings,
              out: Path | None = None, montage_slices: int | list[float] = 3) -> dict:
     """Score every test series; write CSV, JSON, pictures and HTML into ``out`` if given."""
-    results, roles = [], []
+    results = []
     if reference is not None:
         paired: dict[int, tuple[InputSeries, set[int]]] = {}
         for test in tests:
             ref = _matching_reference(test, reference)
             results.append(score_series(test, ref, settings, with_reference=True))
             paired.setdefault(id(ref), (ref, set()))[1].update(results[-1].against_slices)
-        roles = ["test"] * len(results)
         # The reference's own noise and NPS, on the slices the tests were paired with and in
         # the same ROIs (found on the reference): what a denoiser's texture should approach.
         for ref, used in paired.values():
             scores = score_series(ref, None, settings, with_reference=False, slices=sorted(used))
-            scores.label = f"{ref.label} (reference)"
+            scores.label, scores.role = f"{ref.label} (reference)", "reference"
             results.append(scores)
-            roles.append("reference")
         references = reference
     else:
         by_uid = {t.series_uid: t for t in tests if t.series_uid}
         for test in tests:
             source = by_uid.get(test.source_series_uid)
             results.append(score_series(test, source, settings, with_reference=False))
-        roles = ["test"] * len(results)
         references = []
     report = {
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings_dict(settings, with_reference=reference is not None),
-        "series": [{"label": s.label, "role": role, "folder": s.folder, "against": s.against, "notes": s.notes,
+        "series": [{"label": s.label, "role": s.role, "folder": s.folder, "against": s.against, "notes": s.notes,
                     "summary": s.summary(), "per_slice": s.per_slice,
                     "nps": {"f_per_mm": s.nps_f.tolist(), "nps_hu2_mm2": s.nps.tolist()}
-                    if s.nps is not None else None} for s, role in zip(results, roles)],
+                    if s.nps is not None else None} for s in results],
     }
     if out is not None:
         write_outputs(out, report, results, tests, references, settings, montage_slices)

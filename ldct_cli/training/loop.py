@@ -239,16 +239,15 @@ def _adam(params, opt: OptimizerConfig) -> torch.optim.Adam:
 
 def _warm_start(generator: torch.nn.Module, config: TrainConfig) -> dict[str, Any]:
     """Load ``config.init``'s weights into the fresh generator; the same model and kwargs only."""
-    from ldct_cli.checkpoint import load_checkpoint, read_checkpoint_info
+    from ldct_cli.checkpoint import load_checkpoint
 
-    info = read_checkpoint_info(config.init)
+    source, info = load_checkpoint(config.init)  # checksum verified; builds what the file describes
     wanted = dict(generator.ldct_kwargs)
     if info.model != config.model or info.model_kwargs != wanted:
         raise UsageError(f"{info.path}: --init needs a checkpoint of {config.model} {wanted}, "
                          f"this one is {info.model} {info.model_kwargs}")
     if info.hu_norm != generator.hu_norm:
         raise UsageError(f"{info.path}: --init checkpoint uses another HU normalization than {config.model}")
-    source, _ = load_checkpoint(info.path)
     generator.load_state_dict(source.state_dict())
     return {"file": str(info.path), "tensors_sha256": info.tensors_sha256,
             "step": info.training.get("step"), "recipe": info.training.get("recipe")}
