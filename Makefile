@@ -23,9 +23,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
 
+# A phantom study, its simulated quarter dose, every bundled model, scored (demo-out/).
+demo: install
+	LDCT=$(BIN)/ldct PYTHON=$(BIN)/python bash tools/demo.sh
+
 bench: install
 	$(BIN)/python -m benchmarks.bench_denoise --out bench-out
 	$(BIN)/python -m benchmarks.bench_train --out bench-out
 
 clean:
-	rm -rf $(VENV) bench-out *.egg-info
+	rm -rf $(VENV) bench-out demo-out *.egg-info

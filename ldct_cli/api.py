@@ -4,22 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldct_cli.bundled import bundled_checkpoint
 from ldct_cli.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info
 from ldct_cli.dicom.write import Derivation
 from ldct_cli.errors import UsageError
 from ldct_cli.models.registry import get_model_info
 from ldct_cli.pipeline import DenoiseOptions, SeriesResult, now_for_dicom, run_denoise
-
-# Bundled checkpoints: weights/<model>.safetensors in the source tree.
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-
-
-def bundled_checkpoint(name: str) -> Path | None:
-    """The bundled checkpoint of a registered model, or None when there is none yet."""
-    get_model_info(name)
-    path = WEIGHTS_DIR / f"{name}.safetensors"
-    return path if path.is_file() else None
-
 
 def resolve_weights(*, model: str | None, weights: Path | str | None) -> Path:
     """The checkpoint that ``--model`` / ``--weights`` name (``--weights`` wins; both must agree)."""
@@ -34,8 +24,9 @@ def resolve_weights(*, model: str | None, weights: Path | str | None) -> Path:
         raise UsageError("name a model: --model NAME (bundled weights) or --weights CHECKPOINT")
     bundled = bundled_checkpoint(model)
     if bundled is None:
-        raise UsageError(f"no bundled weights for {model!r} yet: pass --weights with a checkpoint "
-                         "file (.safetensors) or a training run folder")
+        raise UsageError(f"no bundled weights for {model!r} (`ldct models` lists what is bundled): "
+                         f"train it with `ldct train --model {model}` and pass --weights with the run "
+                         "folder or a checkpoint file")
     return bundled
 
 

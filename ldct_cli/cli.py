@@ -604,32 +604,80 @@ def train(
 
 @app.command()
 def models(
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable list, with each bundled "
+                                                          "checkpoint's whole manifest entry.")] = False,
 ) -> None:
-    """List every registered model: what it is, the paper it comes from, its training recipe.
+    """List every registered model: what it is, its paper, and its bundled weights.
 
-    Generators denoise (`ldct denoise --model`); the "features" network is the CT perceptual-loss extractor that `ldct train` uses.
+    For bundled weights: what they were trained on and their scores on held-out real CT
+    (simulated quarter dose, [-160, 240] HU), with the quality bar of the README checked.
+    Generators denoise (`ldct denoise --model NAME`); the "features" network is the CT
+    perceptual-loss extractor that `ldct train` uses.
 
     Example: ldct models --json
     """
-    from ldct_cli.api import bundled_checkpoint
+    from ldct_cli.bundled import bundled_checkpoint, read_manifest, weights_dir
 
-    rows = []
+    try:
+        manifest = read_manifest()
+    except LdctError as exc:
+        raise _fail(str(exc), EXIT_FAILED)
+    rows, damaged = [], False
     for name in list_models(None):
         info = get_model_info(name)
-        bundled = bundled_checkpoint(name)
-        rows.append({"name": name, "kind": info.kind, "recipe": info.recipe, "title": info.title,
-                     "paper": info.paper, "hu_norm": info.hu_norm.to_dict(),
-                     "bundled_weights": str(bundled) if bundled else None})
+        entry = manifest.get(name)
+        row = {"name": name, "kind": info.kind, "recipe": info.recipe, "objective": info.objective,
+               "title": info.title, "paper": info.paper, "hu_norm": info.hu_norm.to_dict(),
+               "bundled_weights": None, "meets_bar": None, "bundled": None}
+        if entry is not None:
+            try:
+                row["bundled_weights"] = str(bundled_checkpoint(name))
+            except LdctError as exc:
+                err.print(f"error: {exc}", markup=False)
+                damaged = True
+            row["meets_bar"] = entry.meets_bar
+            row["bundled"] = entry.record
+        rows.append(row)
     if json_out:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    from rich.table import Table
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        out = Console(highlight=False)
+        out.print(f"weights folder: {weights_dir()}", markup=False)
+        for row in rows:
+            out.print(f"\n[bold]{row['name']}[/bold] ({row['kind']}, {row['objective']}, recipe "
+                      f"{row['recipe']}): {row['title']}")
+            out.print(f"  paper: {row['paper']}", markup=False)
+            for line in _bundled_lines(row):
+                out.print(f"  {line}", markup=False)
+    if damaged:
+        raise typer.Exit(EXIT_FAILED)
 
-    table = Table("model", "kind", "what", "paper", "bundled weights")
-    for row in rows:
-        table.add_row(row["name"], row["kind"], row["title"], row["paper"], row["bundled_weights"] or "none yet")
-    Console().print(table)
+
+def _bundled_lines(row: dict) -> list[str]:
+    """What ``ldct models`` says about a model's bundled weights."""
+    entry = row["bundled"]
+    if entry is None:
+        return ["bundled weights: none (train with `ldct train`, denoise with --weights RUN_DIR)"]
+    training, data = entry["training"], entry["data"]
+    series = "; ".join(f"{s['folder']} ({s.get('scanner', '?')}; {s.get('source', '?')}, {s.get('licence', '?')})"
+                       for s in data["series"])
+    dose = (f", simulated dose {data['simulated_dose']:g} (I0 {data['i0']:g})"
+            if data.get("simulated_dose") else "")
+    lines = [f"bundled weights: {entry['file']} ({entry['bytes'] / 1e6:.1f} MB), {training['steps']} steps, "
+             f"{training['minutes']:g} min on {training['hardware']}",
+             f"trained on: {series}{dose}"]
+    for test in entry.get("held_out", []):
+        low, out = test["rows"]["low dose"], test["rows"][row["name"]]
+        bar = test["bar"]
+        failed = [name for name, check in bar["checks"].items() if not check["pass"]]
+        lines.append(f"held out, {test['name']} ({test['series']}): PSNR {out['psnr_db']:.2f} dB "
+                     f"({out['psnr_db'] - low['psnr_db']:+.2f}), SSIM {out['ssim']:.3f} ({low['ssim']:.3f}), "
+                     f"noise {out['noise_sd_hu']:.1f} HU ({low['noise_sd_hu']:.1f}), HU bias "
+                     f"{out['hu_bias']:+.1f}, NPS f_avg {out['f_avg']:.3f} (full dose "
+                     f"{test['rows']['reference']['f_avg']:.3f}); quality bar "
+                     + ("met" if bar["pass"] else "NOT met: " + ", ".join(failed))
+                     + ("" if test.get("bar_applies", True) else " (reported, not required)"))
+    return lines
 
 
 def _terminate(signum, frame):

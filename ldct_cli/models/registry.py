@@ -29,6 +29,9 @@ class ModelInfo:
     # extractor that training uses (never offered to ``ldct denoise``).
     kind: str = "generator"
     recipe: str = "supervised"  # the training step of ``ldct train`` (ldct_cli.training.steps)
+    # What its paper trains it for: "mse" (pixel loss, built for PSNR) or "adversarial"
+    # (GAN losses, built to keep texture). The bundled-weights bar differs by objective.
+    objective: str = "mse"
 
     def load_class(self):
         module_name, _, class_name = self.target.partition(":")
@@ -42,6 +45,8 @@ def register_model(info: ModelInfo) -> ModelInfo:
     """Add a model; a second model of the same name is an error, not a warning."""
     if info.name in _REGISTRY:
         raise ValueError(f"model {info.name!r} is registered twice")
+    if info.objective not in OBJECTIVES:
+        raise ValueError(f"model {info.name!r}: objective {info.objective!r} is not one of {OBJECTIVES}")
     if info.kind not in KINDS:
         raise ValueError(f"model {info.name!r}: kind {info.kind!r} is not one of {KINDS}")
     _REGISTRY[info.name] = info
@@ -49,6 +54,7 @@ def register_model(info: ModelInfo) -> ModelInfo:
 
 
 KINDS = ("generator", "features")
+OBJECTIVES = ("mse", "adversarial")
 
 
 def list_models(kind: str | None = "generator") -> list[str]:
@@ -108,6 +114,7 @@ register_model(ModelInfo(
           "Wasserstein Distance and Perceptual Loss, IEEE TMI 37(6), 2018",
     hu_norm=UNIT_RANGE,
     recipe="wgan_gp",
+    objective="adversarial",
 ))
 register_model(ModelInfo(
     name="pix2pix",
@@ -116,6 +123,7 @@ register_model(ModelInfo(
     paper="P. Isola et al., Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017",
     hu_norm=SYMMETRIC_RANGE,
     recipe="pix2pix",
+    objective="adversarial",
 ))
 register_model(ModelInfo(
     name="ct_features",

@@ -296,21 +296,15 @@ class PerceptualLoss(nn.Module):
         return F.mse_loss(features_out, features_target)
 
 
-def _bundled_ct_weights() -> Path:
-    # Imported here: ldct_cli.api pulls in the DICOM pipeline, which training rarely needs.
-    from ldct_cli.api import WEIGHTS_DIR
-
-    return Path(WEIGHTS_DIR) / "ct_features.safetensors"
-
-
 def _ct_extractor(ct_weights: Path | str | None) -> CtFeatures:
+    from ldct_cli.bundled import bundled_checkpoint, weights_dir
     from ldct_cli.checkpoint import load_checkpoint, read_checkpoint_info
 
     if ct_weights is None:
-        path = _bundled_ct_weights()
-        if not path.exists():
-            raise PerceptualWeightsError(f"{path}: the bundled CT feature weights are missing; "
-                                         "`ldct train --model ct_features` makes them")
+        path = bundled_checkpoint("ct_features")  # sha256 checked against the manifest
+        if path is None:
+            raise PerceptualWeightsError(f"{weights_dir()}: no bundled CT feature weights; "
+                                         "`ldct train --model ct_features` makes them (then --set ct_weights=FILE)")
     else:
         path = Path(ct_weights)
         if not path.exists():

@@ -396,7 +396,8 @@ def test_output_that_is_a_file_is_refused(tmp_path, cli, checkpoints):
     (("--transfer-syntax", "jpeg", "--weights", "W"), "--transfer-syntax"),
     (("--weights", "missing.safetensors"), "no such checkpoint"),
 ])
-def test_usage_errors_exit_2_with_one_line(tmp_path, cli, checkpoints, args, message):
+def test_usage_errors_exit_2_with_one_line(tmp_path, cli, checkpoints, args, message, monkeypatch):
+    monkeypatch.setenv("LDCT_WEIGHTS_DIR", str(tmp_path / "no_weights"))  # nothing bundled
     write_series(tmp_path / "in", SeriesSpec(n_slices=1))
     args = tuple(str(checkpoints["redcnn"]) if a == "W" else a for a in args)
     result = cli("denoise", tmp_path / "in", tmp_path / "out", *args)

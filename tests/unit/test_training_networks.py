@@ -327,24 +327,22 @@ def test_perceptual_extractor_ct_refuses_other_models(tmp_path):
 
 
 def test_perceptual_extractor_ct_reports_missing_weights(tmp_path, monkeypatch):
-    import ldct_cli.api
-
     missing = tmp_path / "absent.safetensors"
     with pytest.raises(PerceptualWeightsError, match="absent.safetensors"):
         perceptual_extractor("ct", ct_weights=missing)
-    monkeypatch.setattr(ldct_cli.api, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setenv("LDCT_WEIGHTS_DIR", str(tmp_path))  # a weights folder with nothing bundled
     with pytest.raises(PerceptualWeightsError, match="ldct train --model ct_features") as excinfo:
         perceptual_extractor("ct")
-    assert str(tmp_path / "ct_features.safetensors") in str(excinfo.value)
+    assert str(tmp_path) in str(excinfo.value)
 
 
 def test_bundled_ct_feature_extractor_was_trained_by_ldct_train():
     """weights/ct_features.safetensors: made by this project's own `ldct train --model ct_features`."""
-    from ldct_cli.api import WEIGHTS_DIR
+    from ldct_cli.bundled import bundled_checkpoint
     from ldct_cli.checkpoint import load_checkpoint
 
-    path = WEIGHTS_DIR / "ct_features.safetensors"
-    assert path.is_file(), "the bundled CT feature extractor is missing"
+    path = bundled_checkpoint("ct_features")  # listed in the manifest, sha256 verified
+    assert path is not None, "the bundled CT feature extractor is missing"
     model, info = load_checkpoint(path)
     assert info.model == "ct_features" and info.config["recipe"] == "autoencoder"
     assert info.training["step"] > 0 and info.training["validation"]["psnr"] > 0

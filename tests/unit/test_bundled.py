@@ -1,0 +1,179 @@
+"""Bundled weights: the manifest, checksums, where an installed package finds them, the bar."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ldct_cli import bundled
+from ldct_cli.errors import CheckpointError
+from ldct_cli.models.registry import get_model_info, list_models
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _entry(path: Path, model: str) -> dict:
+    return {"file": path.name, "sha256": bundled.file_sha256(path), "bytes": path.stat().st_size,
+            "model": model, "training": {"commands": ["ldct train ..."], "steps": 1, "minutes": 0.1,
+                                         "hardware": "test"},
+            "data": {"series": [{"folder": "synthetic"}]}, "held_out": []}
+
+
+@pytest.fixture
+def weights(tmp_path, checkpoints, monkeypatch):
+    """A weights folder holding a random redcnn checkpoint and its manifest, in $LDCT_WEIGHTS_DIR."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copyfile(checkpoints["redcnn"], folder / "redcnn.safetensors")
+    bundled.write_manifest({"redcnn": _entry(folder / "redcnn.safetensors", "redcnn")}, folder)
+    monkeypatch.setenv("LDCT_WEIGHTS_DIR", str(folder))
+    return folder
+
+
+def test_listed_and_intact_weights_are_found(weights):
+    assert bundled.weights_dir() == weights
+    assert bundled.bundled_checkpoint("redcnn") == weights / "redcnn.safetensors"
+    assert bundled.bundled_checkpoint("pix2pix") is None  # not listed: not bundled
+
+
+def test_a_damaged_bundled_file_is_a_clear_error(weights):
+    path = weights / "redcnn.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        bundled.bundled_checkpoint("redcnn")
+
+
+def test_a_listed_but_missing_file_is_a_clear_error(weights):
+    (weights / "redcnn.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        bundled.bundled_checkpoint("redcnn")
+
+
+def test_a_malformed_manifest_is_a_clear_error(weights):
+    (weights / bundled.MANIFEST).write_text('{"format": "something else", "weights": {}}')
+    with pytest.raises(CheckpointError, match="bad weights manifest"):
+        bundled.read_manifest()
+
+
+def test_denoise_with_damaged_bundled_weights_fails_before_writing(weights, tmp_path, cli):
+    from tests.synth import SeriesSpec, write_series
+
+    path = weights / "redcnn.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    write_series(tmp_path / "in", SeriesSpec(n_slices=1))
+    result = cli("denoise", tmp_path / "in", tmp_path / "out", "--model", "redcnn")
+    assert result.exit_code == 2 and "checksum mismatch" in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_installed_package_finds_its_weights_inside_itself(tmp_path, weights):
+    """The wheel layout (pyproject maps weights/ to ldct_cli/weights): copy the package there."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "ldct_cli", site / "ldct_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(weights, site / "ldct_cli" / "weights")
+    code = ("from ldct_cli.bundled import weights_dir, bundled_checkpoint; "
+            "print(weights_dir()); print(bundled_checkpoint('redcnn'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LDCT_WEIGHTS_DIR"}
+    env["PYTHONPATH"] = str(site)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, check=True).stdout.split()
+    assert out == [str(site / "ldct_cli" / "weights"), str(site / "ldct_cli" / "weights" / "redcnn.safetensors")]
+
+
+def test_pyproject_ships_the_weights_and_every_subpackage():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"]["ldct_cli.weights"] == "weights"
+    assert {"*.safetensors", "manifest.json"} <= set(config["package-data"]["ldct_cli.weights"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ldct_cli").rglob("__init__.py")}
+    on_disk |= {"ldct_cli.training.recipes", "ldct_cli.weights"}
+    assert set(config["packages"]) == on_disk
+
+
+def _rows(**model):
+    low = {"psnr_db": 20.0, "ssim": 0.80, "noise_sd_hu": 80.0, "hu_bias": 0.0, "f_avg": 0.19}
+    out = {"psnr_db": 23.5, "ssim": 0.84, "noise_sd_hu": 40.0, "hu_bias": -2.0, "f_avg": 0.15}
+    out.update(model)
+    return {"low dose": low, "m": out, "reference": {"noise_sd_hu": 45.0, "f_avg": 0.17}}
+
+
+def test_quality_bar_for_an_mse_model():
+    assert bundled.quality_bar(_rows(), "m", objective="mse", classical_psnr=22.0)["pass"]
+    for change, failing in [({"psnr_db": 22.9}, "psnr_gain_db"), ({"ssim": 0.79}, "ssim_gain"),
+                            ({"noise_sd_hu": 50.0}, "noise_reduction"), ({"hu_bias": 5.5}, "abs_hu_bias")]:
+        bar = bundled.quality_bar(_rows(**change), "m", objective="mse", classical_psnr=22.0)
+        assert not bar["pass"] and [k for k, c in bar["checks"].items() if not c["pass"]] == [failing]
+    assert not bundled.quality_bar(_rows(), "m", objective="mse", classical_psnr=23.6)["pass"]
+    # No classical row to compare with: the bar is not shown met.
+    assert not bundled.quality_bar(_rows(), "m", objective="mse")["pass"]
+
+
+def test_quality_bar_for_an_adversarial_model_compares_texture_with_the_mse_model():
+    bar = bundled.quality_bar(_rows(f_avg=0.16), "m", objective="adversarial", mse_model_f_avg=0.13)
+    assert bar["pass"]
+    bar = bundled.quality_bar(_rows(f_avg=0.12), "m", objective="adversarial", mse_model_f_avg=0.13)
+    assert not bar["checks"]["f_avg_closer_than_mse_model"]["pass"]
+    assert not bundled.quality_bar(_rows(), "m", objective="adversarial")["pass"]
+
+
+def test_models_lists_bundled_weights_with_training_data(weights, cli):
+    listed = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)}
+    assert listed["redcnn"]["bundled_weights"] == str(weights / "redcnn.safetensors")
+    assert listed["redcnn"]["bundled"]["data"]["series"] == [{"folder": "synthetic"}]
+    assert listed["pix2pix"]["bundled"] is None
+    text = cli("models").stdout
+    assert "redcnn.safetensors" in text and "trained on: synthetic" in text
+
+
+def test_models_reports_a_damaged_bundled_file_and_fails(weights, cli):
+    (weights / "redcnn.safetensors").write_bytes(b"not the file")
+    result = cli("models")
+    assert result.exit_code == 1 and "checksum mismatch" in result.stderr
+
+
+# --- the real bundled weights of this checkout --------------------------------------------
+
+MANIFEST = bundled.read_manifest(REPO / "weights")
+
+
+def test_the_bundled_manifest_lists_every_file_and_nothing_else():
+    files = {p.name for p in (REPO / "weights").glob("*.safetensors")}
+    assert files == {entry.file for entry in MANIFEST.values()}
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_each_bundled_checkpoint_is_intact_documented_and_made_by_ldct_train(name):
+    from ldct_cli.checkpoint import load_checkpoint
+
+    entry = MANIFEST[name]
+    path = bundled.bundled_checkpoint(name, REPO / "weights")
+    model, info = load_checkpoint(path)
+    record = entry.record
+    assert info.model == name == record["model"] and info.model_kwargs == record["model_kwargs"]
+    assert info.tensors_sha256 == record["tensors_sha256"]
+    assert info.config["model"] == name and info.training["step"] > 0  # written by ldct train
+    assert path.stat().st_size < 50e6  # small enough for git
+    training = record["training"]
+    assert any(c.startswith("ldct train") for c in training["commands"])
+    assert training["steps"] > 0 and training["minutes"] > 0
+    for series in record["data"]["series"]:
+        assert series["source"] and series["licence"] and series["scanner"]
+    assert record["data"]["simulated_dose"] and record["data"]["i0"]
+    if get_model_info(name).kind == "generator":
+        # Every bundled denoiser was scored on held-out real CT and meets the bar there.
+        assert record["held_out"], f"{name}: no held-out scores"
+        assert entry.meets_bar, f"{name}: bundled although it misses the quality bar"
+
+
+def test_bundled_generators_are_registered_generators():
+    for name in MANIFEST:
+        assert name in list_models(None)

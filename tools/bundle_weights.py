@@ -1,0 +1,239 @@
+"""Maintainers' tool: put a trained checkpoint into weights/ with its manifest entry.
+
+    python tools/bundle_weights.py redcnn --checkpoint runs/redcnn_b \
+        --train-data runs/abdomen25 --run runs/redcnn --run runs/redcnn_b \
+        --command "ldct prepare ..." --command "ldct train ..." \
+        --test runs/abdomen25 --test runs/siemens25 --report-dir runs/bundle_report
+
+It copies the checkpoint, records its sha256, the exact commands (as given, in order),
+the config and training summary from the checkpoint, steps and minutes from the run
+folders' metrics logs, the training data (series, source, licence, simulated dose and I0,
+from the dataset's manifest), and scores the checkpoint on the test split of every
+``--test`` dataset with ``ldct evaluate``'s library: the low-dose input, the model, the
+full-dose reference, and a Gaussian filter and scikit-image's fast non-local means, both
+tuned for PSNR on the training dataset's validation slices. The quality bar of
+ldct_cli.bundled is checked on each held-out set and recorded.
+
+Needs scikit-image (a dev dependency) for the NLM baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ldct_cli import bundled
+from ldct_cli.checkpoint import load_checkpoint, read_checkpoint_info
+from ldct_cli.models.registry import get_model_info
+
+# From ../shared/data/README.md: what each real series is, and where it comes from.
+SERIES = {
+    "philips_abdomen_rle_275": {
+        "what": "patient abdomen, 1 mm, kernel D, 275 slices, 512x512",
+        "scanner": "Philips Brilliance 16P",
+        "source": "FNNDSC/data (dicom/andrei_abdomen)", "licence": "Apache-2.0"},
+    "siemens_j2k_20": {
+        "what": "patient CT, 20 slices, 512x512, JPEG 2000 lossless",
+        "scanner": "Siemens Biograph40 mCT",
+        "source": "wasserth/TotalSegmentator tests", "licence": "Apache-2.0"},
+    "philips_phantom_5mm_28": {
+        "what": "phantom, 5 mm, 28 slices", "scanner": "Philips Ingenuity CT",
+        "source": "neurolabusc/dcm_qa_ct (phantom courtesy Paul Morgan)", "licence": "BSD-2-Clause"},
+}
+WINDOW = "redcnn"  # [-160, 240] HU, L = 400: the bar's window
+
+
+class Filter:
+    """A classical filter with the Denoiser's call signature (B, 1, H, W) HU -> (B, H, W)."""
+
+    context_slices = 1
+
+    def __init__(self, name: str, param: float):
+        self.name, self.param = name, float(param)
+
+    def one(self, image: np.ndarray) -> np.ndarray:
+        if self.name == "gaussian":
+            from scipy import ndimage
+
+            return ndimage.gaussian_filter(image, self.param)
+        from skimage.restoration import denoise_nl_means
+
+        return denoise_nl_means(image, h=self.param, patch_size=5, patch_distance=6, fast_mode=True)
+
+    def __call__(self, stack: np.ndarray, *, pixel_mm: float | None = None) -> np.ndarray:
+        return np.stack([self.one(np.asarray(s[0], np.float64)) for s in stack]).astype(np.float32)
+
+    def describe(self) -> str:
+        if self.name == "gaussian":
+            return f"Gaussian filter, sigma {self.param:g} px (scipy.ndimage)"
+        return (f"non-local means, h {self.param:g} HU, patch 5, distance 6 "
+                "(scikit-image denoise_nl_means, fast mode)")
+
+
+def tune_filters(dataset: Path) -> dict[str, Filter]:
+    """Each filter's parameter of best mean PSNR on 4 slices spread over the val split."""
+    from ldct_cli.metrics import get_window, psnr
+    from ldct_cli.prepare import load_manifest, open_case
+
+    manifest = load_manifest(dataset)
+    part = manifest["split"]["val"][0]
+    low, full = open_case(dataset, part["case"])
+    rows = np.linspace(part["start"], part["stop"] - 1, 4).round().astype(int)
+    x = low[rows].astype(np.float32)[:, None]
+    ref = full[rows].astype(np.float32)
+    window = get_window(WINDOW)
+    grids = {"gaussian": [0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5], "nlm": [40, 60, 80, 100, 120, 150, 190]}
+    best = {}
+    for name, grid in grids.items():
+        scores = {p: float(np.mean(psnr(Filter(name, p)(x), ref, window))) for p in grid}
+        chosen = max(scores, key=scores.get)
+        print(f"tuned {name}: " + ", ".join(f"{p:g}: {s:.2f}" for p, s in scores.items()) + f" -> {chosen:g}",
+              file=sys.stderr)
+        best[name] = Filter(name, chosen)
+    return best
+
+
+def run_log(run: Path) -> dict:
+    """Steps and training minutes of one run folder, from its metrics log."""
+    last = None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            last = record
+    return {"run": run.name, "steps": int(last["step"]) if last else 0,
+            "minutes": round(float(last["time_s"]) / 60, 1) if last else 0.0}
+
+
+def summary_row(series: dict) -> dict:
+    s = series["summary"]
+    row = {"noise_sd_hu": s["noise_sd_hu"]["mean"], "f_avg": s["f_avg"]}
+    for key in ("psnr_db", "ssim", "hu_bias"):
+        if key in s:
+            row[key] = s[key]["mean"]
+    if "rmse_hu" in s:
+        row["rmse_hu"] = s["rmse_hu"]["mean"]
+    return {k: round(float(v), 4) for k, v in row.items()}
+
+
+def score(name: str, checkpoint: Path, dataset: Path, filters: dict[str, Filter], report: Path) -> dict:
+    import ldct_cli.evaluate as ev
+    from ldct_cli.api import build_denoiser
+    from ldct_cli.metrics import get_window
+
+    denoiser, _ = build_denoiser(weights=checkpoint, device="cpu")
+    denoisers = {name: denoiser, **{f.name: f for f in filters.values()}}
+    tests, references = ev.dataset_inputs(dataset, "test", denoisers)
+    result = ev.evaluate(tests, reference=references, settings=ev.Settings(window=get_window(WINDOW)),
+                         out=report)
+    rows = {}
+    for series in result["series"]:
+        label = "reference" if series["role"] == "reference" else series["label"]
+        rows[label] = summary_row(series)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="registered model name (the weights/NAME.safetensors file)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run folder")
+    parser.add_argument("--train-data", type=Path, required=True, help="the `ldct prepare` dataset it trained on")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="run folders, in order")
+    parser.add_argument("--command", action="append", default=[], help="the exact commands, in order")
+    parser.add_argument("--test", type=Path, action="append", default=[],
+                        help="held-out dataset (test split) on which the quality bar must hold")
+    parser.add_argument("--also-test", type=Path, action="append", default=[],
+                        help="held-out dataset scored and reported, the bar checked but not required "
+                             "(e.g. another scanner)")
+    parser.add_argument("--report-dir", type=Path, help="where the evaluate reports go")
+    parser.add_argument("--weights-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from ldct_cli.prepare import load_manifest
+
+    info = get_model_info(args.name)
+    source = read_checkpoint_info(args.checkpoint if args.checkpoint.is_file()
+                                  else args.checkpoint / "best.safetensors")
+    if source.model != args.name:
+        parser.error(f"{source.path} holds {source.model!r}, not {args.name!r}")
+    load_checkpoint(source.path)  # verifies the tensors' sha256 before anything is copied
+    folder = args.weights_dir or bundled.weights_dir()
+    target = folder / f"{args.name}.safetensors"
+    shutil.copyfile(source.path, target)
+
+    data = load_manifest(args.train_data)
+    full = Path(data["how"]["full"] or "").name
+    simulation = data.get("simulation") or {}
+    runs = [run_log(r) for r in args.run]
+    entry = {
+        "file": target.name,
+        "sha256": bundled.file_sha256(target),
+        "bytes": target.stat().st_size,
+        "model": source.model,
+        "title": info.title,
+        "paper": info.paper,
+        "model_kwargs": source.model_kwargs,
+        "tensors_sha256": source.tensors_sha256,
+        "hu_norm": source.hu_norm.to_dict(),
+        "training": {
+            "commands": args.command,
+            "runs": runs,
+            "steps": sum(r["steps"] for r in runs),
+            "minutes": round(sum(r["minutes"] for r in runs), 1),
+            "hardware": "2 CPU cores, no GPU",
+            "checkpoint_step": source.training.get("step"),
+            "validation": source.training.get("validation"),
+            "init": source.training.get("init"),
+            "config": source.config,
+        },
+        "data": {
+            "series": [{"folder": f"ct/{full}", **SERIES.get(full, {})}],
+            "dataset_split": data["split"],
+            "simulated_dose": float(simulation["dose"]) if simulation else None,
+            "i0": float(simulation["i0"]) if simulation else None,
+            "simulation": simulation,
+        },
+        "held_out": [],
+    }
+    tests = []
+    if args.test or args.also_test:
+        filters = tune_filters(args.train_data)
+        for dataset in args.test + args.also_test:
+            test_manifest = load_manifest(dataset)
+            report = (args.report_dir / f"{args.name}_{dataset.name}") if args.report_dir else None
+            rows = score(args.name, target, dataset, filters, report)
+            test_full = Path(test_manifest["how"]["full"]).name
+            tests.append({
+                "name": dataset.name,
+                "series": f"ct/{test_full}", **({"about": SERIES[test_full]} if test_full in SERIES else {}),
+                "slices": test_manifest["split"]["test"],
+                "bar_applies": dataset in args.test,
+                "window_hu": [-160, 240], "data_range_L": 400,
+                "filters": {f.name: f.describe() for f in filters.values()},
+                "rows": rows,
+            })
+    existing = {name: e.record for name, e in bundled.read_manifest(folder).items()}
+    mse_f_avg = {}
+    if info.objective != "mse" and "redcnn" in existing:
+        mse_f_avg = {t["name"]: t["rows"]["redcnn"]["f_avg"] for t in existing["redcnn"]["held_out"]}
+    for test in tests:
+        rows = test["rows"]
+        test["bar"] = bundled.quality_bar(
+            rows, args.name, objective=info.objective,
+            classical_psnr=max(rows[f]["psnr_db"] for f in ("gaussian", "nlm")),
+            mse_model_f_avg=mse_f_avg.get(test["name"]))
+    entry["held_out"] = tests
+    existing[args.name] = entry
+    bundled.write_manifest(existing, folder)
+    print(json.dumps({"name": args.name, "meets_bar": bundled.BundledWeights(
+        args.name, entry["file"], entry["sha256"], entry).meets_bar,
+        "held_out": [{t["name"]: t["rows"], "bar": t["bar"]} for t in tests]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
