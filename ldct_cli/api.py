@@ -30,17 +30,41 @@ def resolve_weights(*, model: str | None, weights: Path | str | None) -> Path:
     return bundled
 
 
+def build_classical(model: str, *, strength: float | None = None,
+                    options: DenoiseOptions = DenoiseOptions()):
+    """A weight-free filter (``kind == "classical"``) and its Derivation; ``strength`` in HU."""
+    from ldct_cli.models.registry import create_model
+
+    denoiser = create_model(model, **({} if strength is None else {"strength_hu": float(strength)}))
+    date, time = now_for_dicom()
+    derivation = Derivation.filtering(model=model, description=denoiser.describe(),
+                                      strength_hu=denoiser.strength_hu, blend=options.blend,
+                                      transfer_syntax=options.transfer_syntax,
+                                      series_number_offset=options.series_number_offset,
+                                      processed_date=date, processed_time=time)
+    return (None if options.blend >= 1.0 else denoiser), derivation
+
+
 def build_denoiser(*, model: str | None = None, weights: Path | str | None = None,
                    device: str = "auto", batch_size: int = 4, precision: str = "fp32",
-                   tile: int | None = None, options: DenoiseOptions = DenoiseOptions()):
+                   tile: int | None = None, options: DenoiseOptions = DenoiseOptions(),
+                   strength: float | None = None):
     """Load the checkpoint and return ``(Denoiser or None, Derivation)``.
 
-    With ``options.blend == 1`` the model never runs, so only its header is read.
+    A classical ``model`` (nlm, tv, bm3d) needs no weights; ``strength`` (HU) is its one
+    parameter, and only theirs. With ``options.blend == 1`` the model never runs, so only
+    its header is read.
     """
+    if model is not None and get_model_info(model).kind == "classical":
+        if weights is not None:
+            raise UsageError(f"--model {model} is a classical filter: it takes no --weights")
+        return build_classical(model, strength=strength, options=options)
+    if strength is not None:
+        raise UsageError("--strength is the parameter of the classical filters (nlm, tv, bm3d) only")
     path = resolve_weights(model=model, weights=weights)
     kind = get_model_info(read_checkpoint_info(path).model).kind
     if kind != "generator":
-        raise UsageError(f"{path}: a {kind} network (used by training), not a denoising generator")
+        raise UsageError(f"{path}: a {kind} model, not a denoising generator")
     if options.blend >= 1.0:
         info: CheckpointInfo = read_checkpoint_info(path)
         denoiser = None

@@ -61,10 +61,14 @@ def denoise(
     output_dir: Annotated[Path, typer.Argument(
         metavar="OUT", help="Folder for the derived series (created; must not be inside IN).")],
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help=f"Registered model whose bundled weights to use: {', '.join(list_models())}.")] = None,
+        "--model", "-m", help=f"A model with bundled weights ({', '.join(list_models())}; `ldct models` "
+                              f"says which are bundled) or a classical filter ({', '.join(list_models('classical'))}).")] = None,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", "-w", help="A checkpoint file (.safetensors), or an `ldct train` run folder "
                                 "(its best checkpoint).")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        help="Classical filters only, in HU: NLM's h (default 120), the TV weight (default 100), "
+             "BM3D's noise SD (default 60).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Slices (or tiles) per forward pass.")] = 4,
     precision: Annotated[str, typer.Option(
@@ -106,13 +110,15 @@ def denoise(
       ldct denoise export/ out/ --model pix2pix --device cuda --batch-size 16
 
       ldct denoise big.dcm out/ --weights redcnn.safetensors --tile 256 --json
+
+      ldct denoise study/ out_nlm/ --model nlm --strength 100
     """
     from ldct_cli.api import build_denoiser
     from ldct_cli.pipeline import DenoiseOptions
 
     def build(options):
         return build_denoiser(model=model, weights=weights, device=device, batch_size=batch_size,
-                              precision=precision, tile=tile, options=options)
+                              precision=precision, tile=tile, options=options, strength=strength)
 
     _run_pipeline(input_path, output_dir, build=build, quiet=quiet, json_out=json_out,
                   options=lambda: DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax,
@@ -370,7 +376,8 @@ def evaluate(
         help="Labels of the TEST_DIRs, in order (default: Series Description or folder name).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A `ldct prepare` dataset to score models on.")] = None,
     split: Annotated[str, typer.Option(help="With --data: the split to score.")] = "test",
-    model: Annotated[Optional[list[str]], typer.Option(help="With --data: bundled model(s) to run.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        help="With --data: bundled model(s) or classical filter(s) (nlm, tv) to run.")] = None,
     weights: Annotated[Optional[list[Path]], typer.Option(help="With --data: checkpoint(s) to run.")] = None,
     roi_size: Annotated[int, typer.Option(help="Side of the uniform ROIs (noise, bias, NPS), pixels.")] = 32,
     roi_file: Annotated[Optional[Path], typer.Option(
@@ -483,7 +490,7 @@ def _set_values(items: list[str]) -> dict:
 @app.command()
 def train(
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help=f"Generator to train: {', '.join(list_models(None))}.")] = None,
+        "--model", "-m", help=f"Generator to train: {', '.join(list_models(('generator', 'features')))}.")] = None,
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="Dataset folder made by `ldct prepare`.")] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -627,7 +634,8 @@ def models(
         info = get_model_info(name)
         entry = manifest.get(name)
         row = {"name": name, "kind": info.kind, "recipe": info.recipe, "objective": info.objective,
-               "title": info.title, "paper": info.paper, "hu_norm": info.hu_norm.to_dict(),
+               "title": info.title, "paper": info.paper,
+               "hu_norm": info.hu_norm.to_dict() if info.hu_norm is not None else None,
                "bundled_weights": None, "meets_bar": None, "bundled": None}
         if entry is not None:
             try:
@@ -644,8 +652,9 @@ def models(
         out = Console(highlight=False)
         out.print(f"weights folder: {weights_dir()}", markup=False)
         for row in rows:
-            out.print(f"\n[bold]{row['name']}[/bold] ({row['kind']}, {row['objective']}, recipe "
-                      f"{row['recipe']}): {row['title']}")
+            about = (f"{row['kind']}, {row['objective']}, recipe {row['recipe']}"
+                     if row["kind"] != "classical" else "classical filter")
+            out.print(f"\n[bold]{row['name']}[/bold] ({about}): {row['title']}")
             out.print(f"  paper: {row['paper']}", markup=False)
             for line in _bundled_lines(row):
                 out.print(f"  {line}", markup=False)
@@ -656,6 +665,8 @@ def models(
 def _bundled_lines(row: dict) -> list[str]:
     """What ``ldct models`` says about a model's bundled weights."""
     entry = row["bundled"]
+    if row["kind"] == "classical":
+        return ["no weights: a filter (ldct denoise / ldct evaluate --model " + row["name"] + ")"]
     if entry is None:
         return ["bundled weights: none (train with `ldct train`, denoise with --weights RUN_DIR)"]
     training, data = entry["training"], entry["data"]

@@ -10,11 +10,9 @@ the config and training summary from the checkpoint, steps and minutes from the 
 folders' metrics logs, the training data (series, source, licence, simulated dose and I0,
 from the dataset's manifest), and scores the checkpoint on the test split of every
 ``--test`` dataset with ``ldct evaluate``'s library: the low-dose input, the model, the
-full-dose reference, and a Gaussian filter and scikit-image's fast non-local means, both
-tuned for PSNR on the training dataset's validation slices. The quality bar of
+full-dose reference, and the classical filters (a Gaussian, and the registered nlm and tv),
+each tuned for PSNR on the training dataset's validation slices. The quality bar of
 ldct_cli.bundled is checked on each held-out set and recorded.
-
-Needs scikit-image (a dev dependency) for the NLM baseline.
 """
 
 from __future__ import annotations
@@ -48,34 +46,36 @@ SERIES = {
 WINDOW = "redcnn"  # [-160, 240] HU, L = 400: the bar's window
 
 
-class Filter:
-    """A classical filter with the Denoiser's call signature (B, 1, H, W) HU -> (B, H, W)."""
+class Gaussian:
+    """A Gaussian filter (not a registered model: the simplest baseline), Denoiser-shaped."""
 
-    context_slices = 1
+    context_slices, batch_size = 1, 1
 
-    def __init__(self, name: str, param: float):
-        self.name, self.param = name, float(param)
-
-    def one(self, image: np.ndarray) -> np.ndarray:
-        if self.name == "gaussian":
-            from scipy import ndimage
-
-            return ndimage.gaussian_filter(image, self.param)
-        from skimage.restoration import denoise_nl_means
-
-        return denoise_nl_means(image, h=self.param, patch_size=5, patch_distance=6, fast_mode=True)
+    def __init__(self, strength_hu: float):  # here the strength is sigma in pixels
+        self.strength_hu = float(strength_hu)
 
     def __call__(self, stack: np.ndarray, *, pixel_mm: float | None = None) -> np.ndarray:
-        return np.stack([self.one(np.asarray(s[0], np.float64)) for s in stack]).astype(np.float32)
+        from scipy import ndimage
+
+        return np.stack([ndimage.gaussian_filter(np.asarray(s[0], np.float64), self.strength_hu)
+                         for s in stack]).astype(np.float32)
 
     def describe(self) -> str:
-        if self.name == "gaussian":
-            return f"Gaussian filter, sigma {self.param:g} px (scipy.ndimage)"
-        return (f"non-local means, h {self.param:g} HU, patch 5, distance 6 "
-                "(scikit-image denoise_nl_means, fast mode)")
+        return f"Gaussian filter, sigma {self.strength_hu:g} px (scipy.ndimage)"
 
 
-def tune_filters(dataset: Path) -> dict[str, Filter]:
+def make_filter(name: str, param: float):
+    from ldct_cli.models.registry import create_model
+
+    return Gaussian(param) if name == "gaussian" else create_model(name, strength_hu=param)
+
+
+GRIDS = {"gaussian": [0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5],  # sigma, px
+         "nlm": [40, 60, 80, 100, 120, 150, 190],  # h, HU
+         "tv": [20, 40, 60, 80, 100, 120, 150, 200]}  # weight, HU
+
+
+def tune_filters(dataset: Path) -> dict:
     """Each filter's parameter of best mean PSNR on 4 slices spread over the val split."""
     from ldct_cli.metrics import get_window, psnr
     from ldct_cli.prepare import load_manifest, open_case
@@ -87,14 +87,13 @@ def tune_filters(dataset: Path) -> dict[str, Filter]:
     x = low[rows].astype(np.float32)[:, None]
     ref = full[rows].astype(np.float32)
     window = get_window(WINDOW)
-    grids = {"gaussian": [0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5], "nlm": [40, 60, 80, 100, 120, 150, 190]}
     best = {}
-    for name, grid in grids.items():
-        scores = {p: float(np.mean(psnr(Filter(name, p)(x), ref, window))) for p in grid}
+    for name, grid in GRIDS.items():
+        scores = {p: float(np.mean(psnr(make_filter(name, p)(x), ref, window))) for p in grid}
         chosen = max(scores, key=scores.get)
-        print(f"tuned {name}: " + ", ".join(f"{p:g}: {s:.2f}" for p, s in scores.items()) + f" -> {chosen:g}",
-              file=sys.stderr)
-        best[name] = Filter(name, chosen)
+        print(f"tuned {name} on val slices {rows.tolist()}: "
+              + ", ".join(f"{p:g}: {s:.2f} dB" for p, s in scores.items()) + f" -> {chosen:g}", file=sys.stderr)
+        best[name] = make_filter(name, chosen)
     return best
 
 
@@ -120,13 +119,13 @@ def summary_row(series: dict) -> dict:
     return {k: round(float(v), 4) for k, v in row.items()}
 
 
-def score(name: str, checkpoint: Path, dataset: Path, filters: dict[str, Filter], report: Path) -> dict:
+def score(name: str, checkpoint: Path, dataset: Path, filters: dict, report: Path) -> dict:
     import ldct_cli.evaluate as ev
     from ldct_cli.api import build_denoiser
     from ldct_cli.metrics import get_window
 
     denoiser, _ = build_denoiser(weights=checkpoint, device="cpu")
-    denoisers = {name: denoiser, **{f.name: f for f in filters.values()}}
+    denoisers = {name: denoiser, **filters}
     tests, references = ev.dataset_inputs(dataset, "test", denoisers)
     result = ev.evaluate(tests, reference=references, settings=ev.Settings(window=get_window(WINDOW)),
                          out=report)
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slices": test_manifest["split"]["test"],
                 "bar_applies": dataset in args.test,
                 "window_hu": [-160, 240], "data_range_L": 400,
-                "filters": {f.name: f.describe() for f in filters.values()},
+                "filters": {n: f.describe() for n, f in filters.items()},
                 "rows": rows,
             })
     existing = {name: e.record for name, e in bundled.read_manifest(folder).items()}
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = test["rows"]
         test["bar"] = bundled.quality_bar(
             rows, args.name, objective=info.objective,
-            classical_psnr=max(rows[f]["psnr_db"] for f in ("gaussian", "nlm")),
+            classical_psnr=max(rows[f]["psnr_db"] for f in GRIDS),
             mse_model_f_avg=mse_f_avg.get(test["name"]))
     entry["held_out"] = tests
     existing[args.name] = entry

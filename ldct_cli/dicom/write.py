@@ -89,6 +89,16 @@ class Derivation:
                     ("blend", repr(float(blend))), ("precision", precision))
         return cls(label=model, description=description, settings=settings, **common)
 
+    @classmethod
+    def filtering(cls, *, model: str, description: str, strength_hu: float, blend: float = 0.0,
+                  **common) -> "Derivation":
+        """A classical filter's derivation: no weights, its parameter instead."""
+        text = (f"Denoised by ldct-cli {common.get('tool_version', __version__)}: {description}, "
+                f"blend {blend:g} of the input")
+        settings = (("kind", "denoise"), ("model", model), ("strength_hu", repr(float(strength_hu))),
+                    ("blend", repr(float(blend))))
+        return cls(label=model, description=text, settings=settings, **common)
+
     def setting(self, key: str) -> str:
         return dict(self.settings)[key]
 

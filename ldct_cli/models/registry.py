@@ -23,10 +23,11 @@ class ModelInfo:
     target: str  # "module:Class" of the torch.nn.Module
     title: str
     paper: str
-    hu_norm: HUNormalization
+    hu_norm: HUNormalization | None  # None for classical filters, which work in HU
     default_kwargs: dict[str, Any] = field(default_factory=dict)
-    # "generator": denoises (``ldct denoise``); "features": a perceptual feature
-    # extractor that training uses (never offered to ``ldct denoise``).
+    # "generator": a trained denoiser (``ldct denoise``, ``ldct train``); "classical": a
+    # weight-free filter (``ldct denoise``, ``ldct evaluate``; nothing to train);
+    # "features": a perceptual feature extractor that training uses (never denoises).
     kind: str = "generator"
     recipe: str = "supervised"  # the training step of ``ldct train`` (ldct_cli.training.steps)
     # What its paper trains it for: "mse" (pixel loss, built for PSNR) or "adversarial"
@@ -53,13 +54,15 @@ def register_model(info: ModelInfo) -> ModelInfo:
     return info
 
 
-KINDS = ("generator", "features")
+KINDS = ("generator", "classical", "features")
+DENOISERS = ("generator", "classical")  # the kinds ``ldct denoise --model`` takes
 OBJECTIVES = ("mse", "adversarial")
 
 
-def list_models(kind: str | None = "generator") -> list[str]:
-    """Registered model names of one kind (``None``: all), in registration order."""
-    return [name for name, info in _REGISTRY.items() if kind is None or info.kind == kind]
+def list_models(kind: str | tuple[str, ...] | None = "generator") -> list[str]:
+    """Registered model names of one kind or kinds (``None``: all), in registration order."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    return [name for name, info in _REGISTRY.items() if kinds is None or info.kind in kinds]
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -93,7 +96,8 @@ def create_model(name: str, **kwargs: Any):
     model = info.load_class()(**full_kwargs)
     model.ldct_name = name
     model.ldct_kwargs = full_kwargs
-    model.hu_norm = info.hu_norm
+    if info.hu_norm is not None:
+        model.hu_norm = info.hu_norm
     return model
 
 
@@ -135,4 +139,34 @@ register_model(ModelInfo(
     hu_norm=UNIT_RANGE,
     kind="features",
     recipe="autoencoder",
+))
+register_model(ModelInfo(
+    name="nlm",
+    target="ldct_cli.models.classical:NonLocalMeans",
+    title="Non-local means (scikit-image fast NLM, 5x5 patches, 13x13 search); strength = h in HU",
+    paper="A. Buades, B. Coll, J.-M. Morel, A non-local algorithm for image denoising, CVPR 2005 "
+          "(a classical baseline of seed 000, sec. 2.2.1)",
+    hu_norm=None,
+    kind="classical",
+    recipe="none",
+))
+register_model(ModelInfo(
+    name="tv",
+    target="ldct_cli.models.classical:TotalVariation",
+    title="Total-variation denoising (scikit-image, Chambolle); strength = weight in HU",
+    paper="A. Chambolle, An algorithm for total variation minimization and applications, "
+          "J. Math. Imaging Vis. 20, 2004 (a classical baseline of seed 000, sec. 2.2.1)",
+    hu_norm=None,
+    kind="classical",
+    recipe="none",
+))
+register_model(ModelInfo(
+    name="bm3d",
+    target="ldct_cli.models.classical:Bm3d",
+    title="BM3D (optional 'bm3d' package: non-commercial licence, closed binary); strength = noise SD in HU",
+    paper="K. Dabov et al., Image denoising by sparse 3-D transform-domain collaborative filtering, "
+          "IEEE TIP 16(8), 2007 (a classical baseline of seed 000, sec. 2.2.1)",
+    hu_norm=None,
+    kind="classical",
+    recipe="none",
 ))

@@ -240,9 +240,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     def bad(message: str):
         raise UsageError(f"config: {message}")
 
+    info = get_model_info(config.model)
+    if info.kind == "classical":
+        bad(f"model {config.model!r} is a classical filter: there is nothing to train "
+            "(use it with ldct denoise / ldct evaluate --model)")
     if config.recipe not in RECIPES:
         bad(f"recipe {config.recipe!r} is not one of {', '.join(RECIPES)}")
-    info = get_model_info(config.model)
     if (info.kind == "features") != (config.recipe == "autoencoder"):
         bad(f"model {config.model!r} ({info.kind}) cannot train with recipe {config.recipe!r}")
     loss, data, sched = config.loss, config.data, config.schedule

@@ -103,11 +103,15 @@ def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkp
     assert cli("prepare", tmp_path / "data", "--low", study["low"], "--full", study["full"], "--quiet",
                "--split-by", "block", "--split", "0.5,0,0.5", "--gap", "0").exit_code == 0
     result = _run(cli, "--data", tmp_path / "data", "--split", "test", "--weights", checkpoints["wgan_vgg"],
-                  "--json", "--device", "cpu", "--roi-size", "8")
+                  "--model", "nlm", "--json", "--device", "cpu", "--roi-size", "8")
     report = json.loads(result.stdout)
     tests = [s for s in report["series"] if s["role"] == "test"]
     labels = [s["label"] for s in tests]
-    assert labels[0] == "low dose" and labels[1].startswith("wgan_vgg") and len(labels) == 2
+    assert labels[0] == "low dose" and labels[1] == "nlm" and labels[2].startswith("wgan_vgg")
+    assert len(labels) == 3
+    # The classical baseline denoises: less noise than the quarter dose it was given.
+    noise = {s["label"]: s["summary"]["noise_sd_hu"]["mean"] for s in tests}
+    assert noise["nlm"] < 0.8 * noise["low dose"]
     assert all(len(s["per_slice"]) == 2 for s in report["series"])
     assert all(s["against"] == "full dose" for s in tests)
     assert [s["label"] for s in report["series"] if s["role"] == "reference"] == ["full dose (reference)"]

@@ -13,8 +13,8 @@ from ldct_cli.training.config import (RECIPES, TrainConfig, batches_per_step, pr
 from ldct_cli.training.loop import lr_at
 
 
-@pytest.mark.parametrize("name", list_models(None))
-def test_every_registered_model_has_a_recipe_file_and_resolves(name):
+@pytest.mark.parametrize("name", list_models(("generator", "features")))
+def test_every_trainable_model_has_a_recipe_file_and_resolves(name):
     config = resolve_config(model=name)
     assert config.model == name
     assert config.recipe == get_model_info(name).recipe
@@ -22,6 +22,12 @@ def test_every_registered_model_has_a_recipe_file_and_resolves(name):
     assert name in presets()
     # The resolved config survives a JSON round trip (what the run folder stores).
     assert json.loads(json.dumps(config.to_dict()))["model"] == name
+
+
+@pytest.mark.parametrize("name", list_models("classical"))
+def test_classical_filters_are_refused_by_train(name):
+    with pytest.raises(UsageError, match="classical filter: there is nothing to train"):
+        resolve_config(model=name)
 
 
 def test_paper_numbers_of_each_recipe():
