@@ -67,8 +67,11 @@ def transposed_as_conv(layer: nn.ConvTranspose2d) -> nn.Conv2d:
     if layer.stride != (1, 1) or layer.padding != (0, 0) or layer.groups != 1 or layer.dilation != (1, 1):
         raise ValueError("only stride-1, unpadded, ungrouped transposed convolutions can be rewritten")
     kh, kw = layer.kernel_size
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, (kh, kw), padding=(kh - 1, kw - 1),
-                     bias=layer.bias is not None)
+    # skip_init: the weights are overwritten below, and a default initialisation would draw
+    # from the global RNG, so validating during training would change what follows it
+    # (the gradient penalty's random mixing, say) and break exact resume.
+    conv = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, (kh, kw),
+                              padding=(kh - 1, kw - 1), bias=layer.bias is not None)
     with torch.no_grad():
         conv.weight.copy_(layer.weight.flip(2, 3).transpose(0, 1))
         if layer.bias is not None:

@@ -130,6 +130,16 @@ register_model(ModelInfo(
     objective="adversarial",
 ))
 register_model(ModelInfo(
+    name="redcnn_wgan",
+    target="ldct_cli.models.redcnn:RedCNN",
+    title="RED-CNN generator trained with WGAN-GP against a simple CNN critic (0.95 MSE + 0.05 adversarial)",
+    paper="Seed 004: RED-CNN + WGAN-GP with a simple CNN discriminator and variable-dose training "
+          "(after H. Chen et al., IEEE TMI 2017, and I. Gulrajani et al., NeurIPS 2017)",
+    hu_norm=UNIT_RANGE,
+    recipe="wgan_gp",
+    objective="adversarial",
+))
+register_model(ModelInfo(
     name="ct_features",
     target="ldct_cli.training.perceptual:CtAutoencoder",
     title="CT feature extractor: convolutional autoencoder trained on full-dose CT patches; "

@@ -21,6 +21,7 @@ from ldct_cli.models.registry import get_model_info
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder")
 PIXEL_LOSSES = ("mse", "l1", "none")
+CRITICS = ("wgan", "simple_cnn")
 PERCEPTUAL = ("none", "auto", "vgg19", "vgg16", "ct")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -50,6 +51,7 @@ class LossConfig:
     adversarial_weight: float = 0.0
     gradient_penalty: float = 10.0  # WGAN-GP's lambda
     n_critic: int = 4  # critic updates per generator update (WGAN-GP)
+    critic: str = "wgan"  # WGAN-GP's critic: "wgan" (Yang et al.) or "simple_cnn" (seed 004)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,12 @@ class ScheduleConfig:
     val_slices: int = 4  # full held-out slices scored at each validation
     checkpoint_every: int = 500
     log_every: int = 10
+    # Counted in validations without a new best PSNR (0: off). Reduce-on-plateau multiplies
+    # both learning rates by plateau_factor after more than plateau_patience of them
+    # (torch's ReduceLROnPlateau); early stopping ends the run after early_stop_patience.
+    plateau_patience: int = 0
+    plateau_factor: float = 0.5
+    early_stop_patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +271,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad("schedule.max_minutes >= 0 and schedule.val_slices >= 1")
     if loss.n_critic < 1:
         bad("loss.n_critic must be at least 1")
+    if loss.critic not in CRITICS:
+        bad(f"loss.critic {loss.critic!r} is not one of {', '.join(CRITICS)}")
+    if sched.plateau_patience < 0 or sched.early_stop_patience < 0 or not 0 < sched.plateau_factor < 1:
+        bad("schedule.plateau_patience and early_stop_patience >= 0, 0 < plateau_factor < 1")
     from ldct_cli.metrics import get_window
 
     try:

@@ -58,6 +58,30 @@ class WganCritic(nn.Module):
         return self.head(self.features(x)).squeeze(1)
 
 
+class SimpleCnnCritic(nn.Module):
+    """The WGAN-GP critic of seed 004 (RED-CNN + WGAN-GP): (B, C, P, P) -> (B,) scores.
+
+    Five convolutions, 3x3/64 s1, 5x5/128 s3, 3x3/128 s1, 5x5/128 s3, 3x3/1 (padding 1,
+    1, 1, 1, 0), LeakyReLU(0.2) between them; no normalization, no sigmoid. The last map
+    (5x5 for 64-pixel patches) is averaged into one score per patch, the mean the seed's
+    losses take. Fully convolutional: any patch of 31 pixels or more.
+    """
+
+    def __init__(self, in_channels: int = 1):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, stride=1, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(64, 128, 5, stride=3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(128, 128, 3, stride=1, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(128, 128, 5, stride=3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(128, 1, 3, stride=1, padding=0),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, P, P) patches -> (B,) critic scores."""
+        return self.model(x).mean(dim=(1, 2, 3))
+
+
 class PatchGanDiscriminator(nn.Module):
     """70x70 PatchGAN (Isola et al., CVPR 2017): (B, in_channels, H, W) -> (B, 1, h, w) logits.
 

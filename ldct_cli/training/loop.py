@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,12 +80,36 @@ def lr_at(opt: OptimizerConfig, step: int) -> float:
     return opt.lr * (opt.lr_final / opt.lr) ** t
 
 
-def _set_lr(optimizer: torch.optim.Optimizer | None, opt: OptimizerConfig, step: int) -> float:
-    lr = lr_at(opt, step)
+def _set_lr(optimizer: torch.optim.Optimizer | None, opt: OptimizerConfig, step: int,
+            scale: float = 1.0) -> float:
+    lr = lr_at(opt, step) * scale
     if optimizer is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
     return lr
+
+
+@dataclass
+class Plateau:
+    """Reduce-on-plateau and early stopping, counted in validations without a new best PSNR
+    (seed 004's RED-CNN + WGAN-GP: factor 0.5, patience 4; early stopping, patience 6)."""
+
+    lr_scale: float = 1.0
+    since_reduce: int = 0
+    since_best: int = 0
+
+    def after_validation(self, improved: bool, schedule) -> tuple[bool, bool]:
+        """Count one validation; returns (reduce the learning rates now, stop now)."""
+        if improved:
+            self.since_best = self.since_reduce = 0
+            return False, False
+        self.since_best += 1
+        self.since_reduce += 1
+        reduce = 0 < schedule.plateau_patience < self.since_reduce  # as torch's ReduceLROnPlateau
+        if reduce:
+            self.since_reduce = 0
+        stop = 0 < schedule.early_stop_patience <= self.since_best
+        return reduce, stop
 
 
 # ---------------------------------------------------------------- distributed
@@ -221,8 +245,10 @@ def _perceptual(config: TrainConfig, device: torch.device):
 
 def _critic(config: TrainConfig, device: torch.device):
     if config.recipe == "wgan_gp":
-        from ldct_cli.training.critics import WganCritic
+        from ldct_cli.training.critics import SimpleCnnCritic, WganCritic
 
+        if config.loss.critic == "simple_cnn":
+            return SimpleCnnCritic(in_channels=1).to(device)
         return WganCritic(in_channels=1, patch_size=config.data.patch_size).to(device)
     if config.recipe == "pix2pix":
         from ldct_cli.training.critics import PatchGanDiscriminator, init_pix2pix_weights
@@ -412,6 +438,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         opt_d = _adam(critic.parameters(), config.critic_optimizer) if critic is not None else None
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         step, best, elapsed_before = 0, None, 0.0
+        plateau = Plateau()
         log = MetricsLog(run_dir / LOG_FILE)
         if resume:
             state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
@@ -423,6 +450,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             step, best = int(state["step"]), state.get("best")
+            plateau = Plateau(**state.get("plateau", {}))
             init_source = state.get("init")
             if len(state["rng"]) == dist_info.world_size:
                 _set_rng_state(state["rng"][dist_info.rank], device)
@@ -468,7 +496,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                      "critic": critic.state_dict() if critic is not None else None,
                      "opt_d": opt_d.state_dict() if opt_d is not None else None,
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "rng": gathered, "best": best, "init": init_source,
+                     "rng": gathered, "best": best, "init": init_source, "plateau": asdict(plateau),
                      "elapsed_s": elapsed_before + (time.monotonic() - t0),
                      "config": config.to_dict()}
             with atomic_path(run_dir / STATE_FILE) as tmp:
@@ -509,8 +537,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                     if memory_format is torch.channels_last:  # (n, B, k, P, P): per batch
                         low = [b.contiguous(memory_format=memory_format) for b in low]
                         full = [b.contiguous(memory_format=memory_format) for b in full]
-                    lr = _set_lr(opt_g, config.optimizer, step)
-                    _set_lr(opt_d, config.critic_optimizer, step)
+                    lr = _set_lr(opt_g, config.optimizer, step, plateau.lr_scale)
+                    _set_lr(opt_d, config.critic_optimizer, step, plateau.lr_scale)
                     losses = step_fn(parts, config, low, full)
                     step += 1
                     rate_steps += 1
@@ -529,7 +557,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                         if progress is not None:
                             progress.stepped(step, losses, rate)
                     val = None
-                    is_best = False
+                    is_best = early_stop = False
                     validating = step % config.schedule.val_every == 0 or step == max_steps
                     if validating:
                         if dist_info.main:
@@ -544,11 +572,20 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                                          title=f"{config.model} ({config.recipe}) {run_dir.name}")
                             if progress is not None:
                                 progress.validated(step, val, best=is_best)
+                        # Rank 0 alone validates; every rank applies its decisions.
+                        reduce, early_stop = (plateau.after_validation(is_best, config.schedule)
+                                              if dist_info.main else (False, False))
+                        if _any_rank(reduce, dist_info):
+                            plateau.lr_scale *= config.schedule.plateau_factor
+                        early_stop = _any_rank(early_stop, dist_info)
                         _barrier(dist_info)
                     halt = _any_rank(stop_request.requested or time.monotonic() > deadline, dist_info)
                     if (validating or step % config.schedule.checkpoint_every == 0
-                            or step == max_steps or halt):
+                            or step == max_steps or halt or early_stop):
                         save(is_best, val)
+                    if early_stop:
+                        stopped = "early_stop"
+                        break
                     if halt:
                         stopped = "interrupted" if _any_rank(stop_request.requested, dist_info) else "max_minutes"
                         break

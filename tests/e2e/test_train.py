@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Small widths so that every recipe runs in seconds on two cores; the code path is the real one.
 SMALL = {
     "redcnn": {"model_kwargs.channels": 8},
+    "redcnn_wgan": {"model_kwargs.channels": 8},
     "wgan_vgg": {"model_kwargs.channels": 8},
     "pix2pix": {"model_kwargs.depth": 3, "model_kwargs.base_channels": 8, "model_kwargs.max_channels": 16},
     "ct_features": {"model_kwargs.channels": 8},
@@ -101,7 +102,7 @@ def test_each_model_trains_through_the_cli_and_its_checkpoint_denoises(name, dat
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
 
 
-@pytest.mark.parametrize("name", ["redcnn", "wgan_vgg", "pix2pix"])
+@pytest.mark.parametrize("name", ["redcnn", "wgan_vgg", "pix2pix", "redcnn_wgan"])
 def test_interrupted_and_resumed_run_gives_the_same_losses(name, dataset, ct_weights, tmp_path):
     """Exact resume on the CPU: critic, optimizers, dropout and penalty RNG, DataLoader workers."""
     settings = {"schedule.checkpoint_every": 2, "schedule.val_every": 100, "data.workers": 1}
@@ -145,6 +146,22 @@ def test_short_run_loss_falls(dataset, ct_weights, tmp_path):
     result = train(config, tmp_path / "run")
     losses = [l["loss"] for l in result.losses]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_plateau_halves_the_learning_rate_and_early_stopping_ends_the_run(dataset, ct_weights, tmp_path):
+    """redcnn_wgan's schedule: with a learning rate too small to move any weight, no validation
+    after the first is a new best, so the plateau and early-stopping counters run out."""
+    tiny = {"optimizer.lr": 1e-30, "critic_optimizer.lr": 1e-30, "schedule.val_every": 1,
+            "schedule.plateau_patience": 1, "schedule.early_stop_patience": 3, "schedule.max_steps": 50}
+    result = train(_config("redcnn_wgan", dataset, ct_weights, **tiny), tmp_path / "run")
+    # Validations at steps 1 (best), 2, 3, 4: reductions after the 2nd and 4th bad ones... the
+    # 3rd bad validation (step 4) stops the run.
+    assert (result.stopped, result.step, result.best["step"]) == ("early_stop", 4, 1)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["plateau"] == {"lr_scale": 0.5, "since_reduce": 1, "since_best": 3}
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"]
+    assert lrs == [1e-30, 1e-30, 1e-30, 0.5e-30]
 
 
 def test_max_minutes_stops_and_saves(dataset, ct_weights, tmp_path):

@@ -40,7 +40,7 @@ MODELS = list_models()
 HU_LOW, HU_HIGH = -1024.0, 3072.0
 # The network output range each model's HU normalization must map [-1024, 3072] HU onto,
 # set by its last activation. A newly registered model must be added here.
-OUTPUT_RANGE = {"redcnn": (0.0, 1.0), "wgan_vgg": (0.0, 1.0), "pix2pix": (-1.0, 1.0)}
+OUTPUT_RANGE = {"redcnn": (0.0, 1.0), "redcnn_wgan": (0.0, 1.0), "wgan_vgg": (0.0, 1.0), "pix2pix": (-1.0, 1.0)}
 # Reduced-width kwargs for tests where the default width is not the point.
 SMALL_PIX2PIX = {"base_channels": 8, "max_channels": 32, "depth": 4}
 

@@ -352,3 +352,16 @@ def test_bundled_ct_feature_extractor_was_trained_by_ldct_train():
         assert extractor(x).shape == (1, 128, 16, 16)
         # The encoder is the trained one, not a fresh initialisation.
         assert torch.equal(extractor(x), model.encode(x))
+
+
+def test_simple_cnn_critic_of_seed_004_scores_each_patch():
+    from ldct_cli.training.critics import SimpleCnnCritic
+
+    critic = SimpleCnnCritic()
+    convs = [m for m in critic.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
+        (64, 3, 1, 1), (128, 5, 3, 1), (128, 3, 1, 1), (128, 5, 3, 1), (1, 3, 1, 0)]
+    assert critic.model(torch.zeros(2, 1, 64, 64)).shape == (2, 1, 5, 5)  # 64 -> 21 -> 7 -> 5
+    scores = critic(torch.rand(3, 1, 64, 64))
+    assert scores.shape == (3,)
+    assert critic(torch.rand(1, 1, 32, 32)).shape == (1,)  # fully convolutional
