@@ -70,6 +70,19 @@ class BundledWeights:
             return None
         return all(test.get("bar", {}).get("pass", False) for test in held_out)
 
+    def failed_checks(self) -> list[str]:
+        """``name value`` of each bar check missed on a held-out set the bar applies to."""
+        missed = []
+        for test in self.record.get("held_out") or []:
+            if not test.get("bar_applies", True):
+                continue
+            for name, check in test.get("bar", {}).get("checks", {}).items():
+                if not check["pass"]:
+                    value = check["value"]
+                    missed.append(f"{test['name']}: {name} {value:.3g}" if value is not None else
+                                  f"{test['name']}: {name} not measured")
+        return missed
+
 
 def read_manifest(folder: Path | None = None) -> dict[str, BundledWeights]:
     """The manifest's entries by model name; ``{}`` when there is no manifest."""

@@ -120,10 +120,26 @@ def denoise(
         return build_denoiser(model=model, weights=weights, device=device, batch_size=batch_size,
                               precision=precision, tile=tile, options=options, strength=strength)
 
+    if model is not None and weights is None:
+        _warn_below_bar(model)
+
     _run_pipeline(input_path, output_dir, build=build, quiet=quiet, json_out=json_out,
                   options=lambda: DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax,
                                                  series_number_offset=series_number_offset,
                                                  overwrite=overwrite, workers=workers))
+
+
+def _warn_below_bar(model: str) -> None:
+    """One line on stderr when bundled weights are used that miss the quality bar."""
+    from ldct_cli.bundled import bundled_entry
+
+    try:
+        entry = bundled_entry(model)
+    except LdctError:
+        return  # a bad manifest is reported, with the exit code, when the weights load
+    if entry is not None and entry.meets_bar is False:
+        err.print(f"warning: the bundled {model} weights are a preview: they miss the quality bar on "
+                  f"held-out data ({', '.join(entry.failed_checks())}); see `ldct models`", markup=False)
 
 
 def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: bool,
@@ -427,6 +443,7 @@ def evaluate(
 
             denoisers = {}
             for name in model or []:
+                _warn_below_bar(name)
                 denoisers[name], _ = build_denoiser(model=name, device=device)
             for path in weights or []:
                 built, derivation = build_denoiser(weights=path, device=device)
@@ -669,13 +686,14 @@ def _bundled_lines(row: dict) -> list[str]:
         return ["no weights: a filter (ldct denoise / ldct evaluate --model " + row["name"] + ")"]
     if entry is None:
         return ["bundled weights: none (train with `ldct train`, denoise with --weights RUN_DIR)"]
-    training, data = entry["training"], entry["data"]
+    training, data = entry.get("training", {}), entry.get("data", {})
     series = "; ".join(f"{s['folder']} ({s.get('scanner', '?')}; {s.get('source', '?')}, {s.get('licence', '?')})"
-                       for s in data["series"])
+                       for s in data.get("series", [])) or "?"
     dose = (f", simulated dose {data['simulated_dose']:g} (I0 {data['i0']:g})"
-            if data.get("simulated_dose") else "")
-    lines = [f"bundled weights: {entry['file']} ({entry['bytes'] / 1e6:.1f} MB), {training['steps']} steps, "
-             f"{training['minutes']:g} min on {training['hardware']}",
+            if data.get("simulated_dose") and data.get("i0") else "")
+    size = f" ({entry['bytes'] / 1e6:.1f} MB)" if "bytes" in entry else ""
+    lines = [f"bundled weights: {entry['file']}{size}, {training.get('steps', '?')} steps, "
+             f"{training.get('minutes', '?')} min on {training.get('hardware', '?')}",
              f"trained on: {series}{dose}"]
     for test in entry.get("held_out", []):
         low, out = test["rows"]["low dose"], test["rows"][row["name"]]

@@ -205,6 +205,20 @@ class PatchSampler(IterableDataset):
             step += workers
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: leave Ctrl-C and SIGTERM to the training process.
+
+    A terminal's Ctrl-C and a job scheduler's SIGTERM reach every process of the group.
+    A worker that died of them made the training process fail on its next batch, before
+    it could save; the training process saves, then stops its workers itself (a worker
+    also exits when its parent dies).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(sampler: PatchSampler, *, workers: int, prefetch: int = 4) -> DataLoader:
     """A DataLoader over ``sampler`` that yields its steps in order, ``workers`` processes drawing them."""
     options = {"prefetch_factor": prefetch} if workers > 0 else {}
@@ -214,6 +228,7 @@ def make_loader(sampler: PatchSampler, *, workers: int, prefetch: int = 4) -> Da
         # Starting an iterator draws a base seed; from its own generator it leaves the global
         # torch RNG untouched, so a resumed run's model init/dropout stream stays exact.
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         **options,
     )
 

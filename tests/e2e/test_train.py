@@ -245,22 +245,35 @@ def test_ddp_gloo_two_processes_average_gradients_and_only_rank0_writes(name, da
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_state_and_the_run_resumes(dataset, tmp_path):
+@pytest.mark.parametrize("sig, group, workers", [
+    (signal.SIGINT, False, 0),  # Ctrl-C to the training process alone
+    (signal.SIGINT, True, 1),  # Ctrl-C in a terminal: the whole group, DataLoader workers too
+    (signal.SIGTERM, True, 1),  # a job scheduler stopping every process of the job
+])
+def test_ctrl_c_saves_state_and_the_run_resumes(dataset, tmp_path, sig, group, workers):
     run = tmp_path / "run"
-    values = {**FAST, **SMALL["redcnn"], "schedule.checkpoint_every": 10_000, "schedule.val_every": 10_000}
+    values = {**FAST, **SMALL["redcnn"], "schedule.checkpoint_every": 10_000, "schedule.val_every": 10_000,
+              "data.workers": workers}
     cmd = [sys.executable, "-m", "ldct_cli", "train", "--model", "redcnn", "--data", str(dataset),
            "--out", str(run), "--max-steps", "100000", "--quiet", *_set_flags(values)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own process group, with the default Ctrl-C disposition (a background job of a
+    # shell would otherwise inherit SIGINT ignored).
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if log.is_file() and '"kind": "train"' in log.read_text():
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "--resume" in stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
     saved = torch.load(run / "state.pt", weights_only=True)["step"]
     assert saved >= 1
     assert read_checkpoint_info(run / "last.safetensors").training["step"] == saved
