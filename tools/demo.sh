@@ -4,10 +4,12 @@
 #   LDCT      the ldct command (default: .venv/bin/ldct)
 #   DEMO_OUT  the folder it writes, replaced on each run (default: demo-out)
 #   DEMO_SLICES  phantom slices (default: 8)
+#   DEMO_SIZE    phantom matrix size (default: 512)
 set -euo pipefail
 LDCT=${LDCT:-.venv/bin/ldct}
 OUT=${DEMO_OUT:-demo-out}
 SLICES=${DEMO_SLICES:-8}
+SIZE=${DEMO_SIZE:-512}
 run() { echo "+ $*" >&2; "$@"; }
 [ -t 1 ] || export COLUMNS=${COLUMNS:-150}  # a wide table when the output is a file or a pipe
 
@@ -25,7 +27,8 @@ fi
 rm -rf "$OUT"
 mkdir -p "$OUT" && touch "$OUT/.ldct-demo"
 
-run $LDCT phantom "$OUT/phantom" --slices "$SLICES" --dose 0.25 --quiet
+pixel=$(awk "BEGIN { print 0.7 * 512 / $SIZE }")  # the same 36 cm field of view at any size
+run $LDCT phantom "$OUT/phantom" --slices "$SLICES" --size "$SIZE" --pixel-mm "$pixel" --dose 0.25 --quiet
 low=$(echo "$OUT"/phantom/dose25/*)
 tests=("$low") labels=(--label "quarter dose")
 for m in $models; do

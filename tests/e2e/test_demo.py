@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _demo(tmp_path, weights: Path, **env) -> subprocess.CompletedProcess:
     environ = {**os.environ, "LDCT": f"{sys.executable} -m ldct_cli", "PYTHON": sys.executable,
-               "DEMO_OUT": str(tmp_path / "demo"), "DEMO_SLICES": "2", "LDCT_WEIGHTS_DIR": str(weights),
+               "DEMO_OUT": str(tmp_path / "demo"), "DEMO_SLICES": "2", "DEMO_SIZE": "128", "LDCT_WEIGHTS_DIR": str(weights),
                **env}
     return subprocess.run(["bash", str(REPO / "tools" / "demo.sh")], capture_output=True, text=True,
                           env=environ, cwd=REPO)
