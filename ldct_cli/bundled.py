@@ -61,27 +61,29 @@ class BundledWeights:
     sha256: str
     record: dict[str, Any] = field(default_factory=dict)
 
+    def bar_sets(self) -> list[dict]:
+        """The held-out sets the bar decides on; those marked "bar_applies": false (another
+        scanner, reported for generalization) are scored and shown but do not decide."""
+        return [t for t in self.record.get("held_out") or [] if t.get("bar_applies", True)]
+
     @property
     def meets_bar(self) -> bool | None:
-        # Held-out sets marked "bar_applies": false (another scanner, reported for
-        # generalization) are scored and shown but do not decide.
-        held_out = [t for t in self.record.get("held_out") or [] if t.get("bar_applies", True)]
-        if not held_out:
-            return None
-        return all(test.get("bar", {}).get("pass", False) for test in held_out)
+        sets = self.bar_sets()
+        return all(test.get("bar", {}).get("pass", False) for test in sets) if sets else None
 
     def failed_checks(self) -> list[str]:
-        """``name value`` of each bar check missed on a held-out set the bar applies to."""
-        missed = []
-        for test in self.record.get("held_out") or []:
-            if not test.get("bar_applies", True):
-                continue
-            for name, check in test.get("bar", {}).get("checks", {}).items():
-                if not check["pass"]:
-                    value = check["value"]
-                    missed.append(f"{test['name']}: {name} {value:.3g}" if value is not None else
-                                  f"{test['name']}: {name} not measured")
-        return missed
+        """``set: check value`` of each bar check missed on a set the bar decides on."""
+        return [f"{test['name']}: {miss}" for test in self.bar_sets() for miss in missed_checks(test)]
+
+
+def missed_checks(test: dict) -> list[str]:
+    """``check value`` of each bar check one held-out set misses."""
+    missed = []
+    for name, check in test.get("bar", {}).get("checks", {}).items():
+        if not check["pass"]:
+            value = check["value"]
+            missed.append(f"{name} {value:.3g}" if value is not None else f"{name} not measured")
+    return missed
 
 
 def read_manifest(folder: Path | None = None) -> dict[str, BundledWeights]:

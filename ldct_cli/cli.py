@@ -681,6 +681,8 @@ def models(
 
 def _bundled_lines(row: dict) -> list[str]:
     """What ``ldct models`` says about a model's bundled weights."""
+    from ldct_cli.bundled import missed_checks
+
     entry = row["bundled"]
     if row["kind"] == "classical":
         return ["no weights: a filter (ldct denoise / ldct evaluate --model " + row["name"] + ")"]
@@ -698,13 +700,12 @@ def _bundled_lines(row: dict) -> list[str]:
     for test in entry.get("held_out", []):
         low, out = test["rows"]["low dose"], test["rows"][row["name"]]
         bar = test["bar"]
-        failed = [name for name, check in bar["checks"].items() if not check["pass"]]
         lines.append(f"held out, {test['name']} ({test['series']}): PSNR {out['psnr_db']:.2f} dB "
                      f"({out['psnr_db'] - low['psnr_db']:+.2f}), SSIM {out['ssim']:.3f} ({low['ssim']:.3f}), "
                      f"noise {out['noise_sd_hu']:.1f} HU ({low['noise_sd_hu']:.1f}), HU bias "
                      f"{out['hu_bias']:+.1f}, NPS f_avg {out['f_avg']:.3f} (full dose "
                      f"{test['rows']['reference']['f_avg']:.3f}); quality bar "
-                     + ("met" if bar["pass"] else "NOT met: " + ", ".join(failed))
+                     + ("met" if bar["pass"] else "NOT met: " + ", ".join(missed_checks(test)))
                      + ("" if test.get("bar_applies", True) else " (reported, not required)"))
     return lines
 

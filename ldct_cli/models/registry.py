@@ -150,33 +150,26 @@ register_model(ModelInfo(
     kind="features",
     recipe="autoencoder",
 ))
-register_model(ModelInfo(
-    name="nlm",
-    target="ldct_cli.models.classical:NonLocalMeans",
-    title="Non-local means (scikit-image fast NLM, 5x5 patches, 13x13 search); strength = h in HU",
-    paper="A. Buades, B. Coll, J.-M. Morel, A non-local algorithm for image denoising, CVPR 2005 "
-          "(a classical baseline of seed 000, sec. 2.2.1)",
-    hu_norm=None,
-    kind="classical",
-    recipe="none",
-))
-register_model(ModelInfo(
-    name="tv",
-    target="ldct_cli.models.classical:TotalVariation",
-    title="Total-variation denoising (scikit-image, Chambolle); strength = weight in HU",
-    paper="A. Chambolle, An algorithm for total variation minimization and applications, "
-          "J. Math. Imaging Vis. 20, 2004 (a classical baseline of seed 000, sec. 2.2.1)",
-    hu_norm=None,
-    kind="classical",
-    recipe="none",
-))
-register_model(ModelInfo(
-    name="bm3d",
-    target="ldct_cli.models.classical:Bm3d",
-    title="BM3D (optional 'bm3d' package: non-commercial licence, closed binary); strength = noise SD in HU",
-    paper="K. Dabov et al., Image denoising by sparse 3-D transform-domain collaborative filtering, "
-          "IEEE TIP 16(8), 2007 (a classical baseline of seed 000, sec. 2.2.1)",
-    hu_norm=None,
-    kind="classical",
-    recipe="none",
-))
+
+
+def _register_classical(name: str, cls: str, title: str, paper: str) -> None:
+    """A weight-free filter of seed 000's sec. 2.2.1: works in HU, nothing to train."""
+    register_model(ModelInfo(name=name, target=f"ldct_cli.models.classical:{cls}", title=title,
+                             paper=f"{paper} (a classical baseline of seed 000, sec. 2.2.1)",
+                             hu_norm=None, kind="classical", recipe="none"))
+
+
+_register_classical(
+    "nlm", "NonLocalMeans",
+    "Non-local means (scikit-image fast NLM, 5x5 patches, 13x13 search); strength = h in HU",
+    "A. Buades, B. Coll, J.-M. Morel, A non-local algorithm for image denoising, CVPR 2005")
+_register_classical(
+    "tv", "TotalVariation",
+    "Total-variation denoising (scikit-image, Chambolle); strength = weight in HU",
+    "A. Chambolle, An algorithm for total variation minimization and applications, "
+    "J. Math. Imaging Vis. 20, 2004")
+_register_classical(
+    "bm3d", "Bm3d",
+    "BM3D (optional 'bm3d' package: non-commercial licence, closed binary); strength = noise SD in HU",
+    "K. Dabov et al., Image denoising by sparse 3-D transform-domain collaborative filtering, "
+    "IEEE TIP 16(8), 2007")
