@@ -140,6 +140,17 @@ register_model(ModelInfo(
     objective="adversarial",
 ))
 register_model(ModelInfo(
+    name="cascade",
+    target="ldct_cli.models.cascade:Cascade",
+    title="Cascade: DRL (dilated convs + edge layer) on perceptual loss, then CNN10 difference "
+          "network(s) on MSE; levels=2 (default) or 3",
+    paper="S. Ataei, J. Alirezaie, P. Babyn, Cascaded Convolutional Neural Networks with Perceptual Loss "
+          "for Low Dose CT Denoising, 2020 (seed 002); DRL: M. Gholizadeh-Ansari et al., J. Digit. "
+          "Imaging 33, 2020; CNN10: D. Wu et al., arXiv:1705.04267, 2017",
+    hu_norm=UNIT_RANGE,
+    recipe="cascade",
+))
+register_model(ModelInfo(
     name="ct_features",
     target="ldct_cli.training.perceptual:CtAutoencoder",
     title="CT feature extractor: convolutional autoencoder trained on full-dose CT patches; "

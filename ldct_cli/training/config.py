@@ -19,7 +19,7 @@ from ldct_cli.errors import UsageError
 from ldct_cli.models.registry import get_model_info
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder")
+RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder", "cascade")
 PIXEL_LOSSES = ("mse", "l1", "none")
 CRITICS = ("wgan", "simple_cnn")
 PERCEPTUAL = ("none", "auto", "vgg19", "vgg16", "ct")
@@ -47,7 +47,8 @@ class LossConfig:
     pixel_weight: float = 1.0
     perceptual: str = "none"  # "auto": vgg19 when a VGG file is given, else the CT features
     perceptual_weight: float = 0.0
-    perceptual_layer: str = ""  # "" = the extractor's default (VGG: conv5_4 / conv5_3)
+    perceptual_layer: str = ""  # "" = the extractor's default (VGG: conv5_4 / conv5_3); "a,b": several
+    perceptual_vgg: str = "vgg19"  # the ImageNet VGG that "auto" takes when a VGG file is given
     adversarial_weight: float = 0.0
     gradient_penalty: float = 10.0  # WGAN-GP's lambda
     n_critic: int = 4  # critic updates per generator update (WGAN-GP)
@@ -83,6 +84,9 @@ class ScheduleConfig:
     plateau_patience: int = 0
     plateau_factor: float = 0.5
     early_stop_patience: int = 0
+    # Recipe cascade: steps of each level's stage, in order (DRL, then each difference
+    # network); the last stage also runs any steps past their sum, up to max_steps.
+    stage_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,10 @@ def _merge(base: dict, update: dict) -> dict:
 def _coerce(value, hint, where: str):
     """Check (and gently convert: int -> float, list -> tuple) one value against its type."""
     origin = get_origin(hint)
+    if origin is tuple and get_args(hint)[1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config {where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, get_args(hint)[0], where) for v in value)
     if origin is tuple:
         items = get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
@@ -291,10 +299,19 @@ def validate(config: TrainConfig) -> TrainConfig:
     has_perceptual = loss.perceptual != "none" and loss.perceptual_weight > 0
     if config.recipe == "supervised" and not (has_pixel or has_perceptual):
         bad("recipe supervised needs a pixel or a perceptual loss term")
+    if loss.perceptual_vgg not in ("vgg19", "vgg16"):
+        bad(f"loss.perceptual_vgg {loss.perceptual_vgg!r} is not one of vgg19, vgg16")
+    if any(n < 1 for n in sched.stage_steps):
+        bad("schedule.stage_steps: each stage needs at least 1 step")
+    if (config.recipe == "cascade") != (info.recipe == "cascade"):
+        bad(f"model {config.model!r} cannot train with recipe {config.recipe!r}"
+            + (" (the cascade recipe is for the cascade model)" if config.recipe == "cascade" else ""))
     if loss.perceptual == "auto":
         vgg = config.vgg_weights or os.environ.get("LDCT_VGG_WEIGHTS", "")
-        config = replace(config, loss=replace(loss, perceptual="vgg19" if vgg else "ct"),
-                         vgg_weights=vgg)
+        # Layers name VGG convolutions; the CT feature extractor has one output.
+        resolved = (replace(loss, perceptual=loss.perceptual_vgg) if vgg
+                    else replace(loss, perceptual="ct", perceptual_layer=""))
+        config = replace(config, loss=resolved, vgg_weights=vgg)
     elif loss.perceptual in ("vgg19", "vgg16") and not config.vgg_weights:
         config = replace(config, vgg_weights=os.environ.get("LDCT_VGG_WEIGHTS", ""))
     return config

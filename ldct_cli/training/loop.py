@@ -286,6 +286,18 @@ def _check_patch_size(generator: torch.nn.Module, config: TrainConfig) -> None:
                          f"{multiple} for model {config.model!r}")
 
 
+def _check_cascade(generator: torch.nn.Module, config: TrainConfig, dist_info: Dist) -> None:
+    if config.recipe != "cascade":
+        return
+    levels = int(generator.levels)
+    if len(config.schedule.stage_steps) != levels:
+        raise UsageError(f"schedule.stage_steps has {len(config.schedule.stage_steps)} stage(s); a "
+                         f"{levels}-level cascade needs {levels} (DRL, then each difference network)")
+    if dist_info.world_size > 1:
+        # Each stage trains a different part of the network, which DDP's reducer cannot follow.
+        raise UsageError("recipe cascade trains in one process (no torchrun / DDP)")
+
+
 # ---------------------------------------------------------------- validation
 
 def _validate(generator: torch.nn.Module, slices, *, device: torch.device, precision: str,
@@ -394,6 +406,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         torch.manual_seed(config.seed)
         generator = create_model(config.model, **config.model_kwargs)
         _check_patch_size(generator, config)
+        _check_cascade(generator, config, dist_info)
         critic = _critic(config, device)
         if config.recipe == "pix2pix":
             from ldct_cli.training.critics import init_pix2pix_weights
@@ -539,6 +552,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                         full = [b.contiguous(memory_format=memory_format) for b in full]
                     lr = _set_lr(opt_g, config.optimizer, step, plateau.lr_scale)
                     _set_lr(opt_d, config.critic_optimizer, step, plateau.lr_scale)
+                    parts.step = step
                     losses = step_fn(parts, config, low, full)
                     step += 1
                     rate_steps += 1

@@ -102,10 +102,12 @@ class _FrozenExtractor(nn.Module):
 
 
 class VggFeatures(_FrozenExtractor):
-    """Frozen VGG feature map (Yang et al., TMI 2018): (B, 1, H, W) CT in [0, 1] -> (B, C, H/2^k, W/2^k).
+    """Frozen VGG feature maps: (B, 1, H, W) CT in [0, 1] -> features of one or several convolutions.
 
-    Keeps ``features`` up to and including the named convolution, not its ReLU (Yang et
-    al.'s conv5_4 of VGG19 is ``features[:35]``). The state-dict keys are torchvision's
+    ``layer`` names a convolution (Yang et al., TMI 2018: conv5_4 of VGG19, which is
+    ``features[:35]``), or several, comma-separated (seed 002: the last conv of VGG16's
+    blocks 1-4, ``conv1_2,conv2_2,conv3_3,conv4_3``). Each is taken before its ReLU.
+    One layer gives a tensor, several a list. The state-dict keys are torchvision's
     (``features.0.weight``, ...). Built with random weights; ``perceptual_extractor``
     loads the ImageNet ones.
     """
@@ -114,19 +116,41 @@ class VggFeatures(_FrozenExtractor):
         super().__init__()
         _check_arch(arch)
         self.arch = arch
-        self.layer = DEFAULT_VGG_LAYER[arch] if layer is None else layer
-        self.features = _vgg_features(arch, last_index=_layer_index(arch, self.layer))
+        self.layers = _layer_names(arch, layer)
+        self.layer = ",".join(self.layers)
+        self._taps = sorted(_layer_index(arch, name) for name in self.layers)
+        # The stack up to the deepest layer asked for; the last named one is the deepest.
+        self.features = _vgg_features(arch, last_index=self._taps[-1])
         # Not persistent: the state dict stays exactly torchvision's layout.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) grey image in [0, 1] -> (B, C, h, w) features."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(B, 1, H, W) grey image in [0, 1] -> (B, C, h, w) features, or a list of them."""
         # The grey CT goes to all three colour channels, then ImageNet normalisation,
         # which is the input VGG was trained on.
         rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        return self.features((rgb - self.mean) / self.std)
+        out = (rgb - self.mean) / self.std
+        if len(self._taps) == 1:
+            return self.features(out)
+        taps = []
+        for index, module in enumerate(self.features):
+            out = module(out)
+            if index in self._taps:
+                taps.append(out)
+        return taps
+
+
+def _layer_names(arch: str, layer: str | None) -> list[str]:
+    """The VGG convolutions named by ``layer`` (comma-separated), checked, in network order."""
+    names = [DEFAULT_VGG_LAYER[arch]] if not layer else [n.strip() for n in layer.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"no {arch} layer named in {layer!r}")
+    indices = [_layer_index(arch, name) for name in names]  # checks each name
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"{arch} layer list {layer!r} names a layer twice")
+    return [name for _, name in sorted(zip(indices, names))]
 
 
 def _expected_vgg_shapes(arch: str, layer: str | None) -> dict[str, tuple[int, ...]]:
@@ -178,7 +202,8 @@ def _sha256_hex(path: Path) -> str:
 
 def load_vgg_weights(arch: str, path: Path | str, *, layer: str | None = None,
                      verify_hash: bool = True) -> dict[str, torch.Tensor]:
-    """The ``features.*`` tensors of a torchvision VGG file that the stack up to ``layer`` needs.
+    """The ``features.*`` tensors of a torchvision VGG file that the stack up to ``layer`` needs
+    (comma-separated layers: up to the deepest).
 
     ``verify_hash`` checks the file's sha256 against the prefix in torchvision's file
     name (``VGG_FILES``), whatever the file is called on disk.
@@ -202,7 +227,7 @@ def load_vgg_weights(arch: str, path: Path | str, *, layer: str | None = None,
     if not isinstance(state, dict):
         raise PerceptualWeightsError(f"{path}: not a {arch} state dict (holds a {type(state).__name__})")
     kept: dict[str, torch.Tensor] = {}
-    for key, shape in _expected_vgg_shapes(arch, layer).items():
+    for key, shape in _expected_vgg_shapes(arch, _layer_names(arch, layer)[-1]).items():
         if key not in state:
             raise PerceptualWeightsError(f"{path}: no tensor {key!r}; not a torchvision {arch} file")
         if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape:
@@ -279,7 +304,11 @@ class CtFeatures(_FrozenExtractor):
 
 
 class PerceptualLoss(nn.Module):
-    """Feature-space MSE, L_VGG of Yang et al. (TMI 2018): ||phi(a) - phi(b)||_F^2 / (w h d), batch mean."""
+    """Feature-space MSE, L_VGG of Yang et al. (TMI 2018): ||phi(a) - phi(b)||_F^2 / (w h d), batch mean.
+
+    With an extractor that returns several feature maps (seed 002, eq. 3) the loss is the
+    sum over them of that normalised distance.
+    """
 
     def __init__(self, extractor: nn.Module):
         super().__init__()
@@ -291,9 +320,11 @@ class PerceptualLoss(nn.Module):
         # The target is a constant of the loss: no graph to keep for it.
         with torch.no_grad():
             features_target = self.extractor(target)
+        if isinstance(features_out, torch.Tensor):
+            features_out, features_target = [features_out], [features_target]
         # The mean over all B * d * h * w elements equals the per-image ||.||_F^2 / (w h d)
         # averaged over the batch.
-        return F.mse_loss(features_out, features_target)
+        return sum(F.mse_loss(a, b) for a, b in zip(features_out, features_target))
 
 
 def _ct_extractor(ct_weights: Path | str | None) -> CtFeatures:

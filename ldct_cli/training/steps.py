@@ -1,4 +1,4 @@
-"""One optimisation step per recipe: supervised, WGAN-GP, pix2pix, autoencoder.
+"""One optimisation step per recipe: supervised, WGAN-GP, pix2pix, autoencoder, cascade.
 
 Each step takes a bundle of batches in model units, ``low`` (n, B, k, P, P) and
 ``full`` (n, B, 1, P, P), updates the networks in ``Parts`` and returns its losses as
@@ -33,6 +33,7 @@ class Parts:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     world_size: int = 1
+    step: int = 0  # the step being taken (set by the loop; the cascade's stage follows from it)
 
 
 def average_gradients(module: nn.Module, world_size: int) -> None:
@@ -179,9 +180,49 @@ def pix2pix_step(parts: Parts, config: TrainConfig, low: torch.Tensor, full: tor
             "adversarial": float(adversarial.detach()), **_floats(terms)}
 
 
+def cascade_stage(step: int, stage_steps: tuple[int, ...]) -> int:
+    """The stage (0 = DRL, k = the k-th difference network) that ``step`` belongs to."""
+    ends = 0
+    for stage, steps in enumerate(stage_steps):
+        ends += steps
+        if step < ends:
+            return stage
+    return len(stage_steps) - 1
+
+
+def cascade_step(parts: Parts, config: TrainConfig, low: torch.Tensor, full: torch.Tensor) -> dict[str, float]:
+    """Seed 002's cascade, one level at a time: the DRL network on the configured loss
+    (perceptual + pixel), then each difference network on MSE to ``previous - full``,
+    the levels before it frozen; inference subtracts each predicted difference."""
+    net = parts.generator
+    stage = cascade_stage(parts.step, config.schedule.stage_steps)
+    net.trained_levels.fill_(stage + 1)
+    if stage == 0:
+        with parts.autocast():
+            output = net.drl(low[0])
+            loss, terms = content_loss(parts, config, output, full[0])
+    else:
+        done = [net.drl, *net.diffs[:stage - 1]]
+        for module in done:
+            module.eval()  # frozen: BatchNorm uses its statistics, as at inference
+        try:
+            with torch.no_grad(), parts.autocast():
+                previous = net.level_output(low[0], stage).float()
+        finally:
+            for module in done:
+                module.train()
+        with parts.autocast():
+            difference = net.diffs[stage - 1](previous)
+        terms = {"mse": F.mse_loss(difference.float(), previous - full[0])}
+        loss = terms["mse"]
+    _update_generator(parts, loss)
+    return {"loss": float(loss.detach()), "stage": float(stage + 1), **_floats(terms)}
+
+
 STEPS = {
     "supervised": supervised_step,
     "wgan_gp": wgan_gp_step,
     "pix2pix": pix2pix_step,
     "autoencoder": autoencoder_step,
+    "cascade": cascade_step,
 }

@@ -30,7 +30,9 @@ SMALL = {
     "wgan_vgg": {"model_kwargs.channels": 8},
     "pix2pix": {"model_kwargs.depth": 3, "model_kwargs.base_channels": 8, "model_kwargs.max_channels": 16},
     "ct_features": {"model_kwargs.channels": 8},
+    "cascade": {"model_kwargs.channels": 8, "schedule.stage_steps": [2, 2]},
 }
+PERCEPTUAL_MODELS = ("wgan_vgg", "cascade")  # their recipes' "auto" perceptual loss falls back to ct
 FAST = {"data.patch_size": 32, "data.batch_size": 2, "data.workers": 0, "schedule.val_slices": 2,
         "schedule.log_every": 1}
 
@@ -83,8 +85,8 @@ def test_each_model_trains_through_the_cli_and_its_checkpoint_denoises(name, dat
     model, info = load_checkpoint(run)
     assert info.model == name and info.config["recipe"] == summary["recipe"]
     assert info.training["step"] == summary["best"]["step"]
-    assert info.training["perceptual"] == ("ct" if name == "wgan_vgg" else "none")
-    if name == "wgan_vgg":  # which extractor shaped the loss, down to its weights' hash
+    assert info.training["perceptual"] == ("ct" if name in PERCEPTUAL_MODELS else "none")
+    if name in PERCEPTUAL_MODELS:  # which extractor shaped the loss, down to its weights' hash
         source = info.training["perceptual_source"]
         assert source["kind"] == "ct" and source["file"] == str(ct_weights)
         assert source["tensors_sha256"] == read_checkpoint_info(ct_weights).tensors_sha256
@@ -102,7 +104,7 @@ def test_each_model_trains_through_the_cli_and_its_checkpoint_denoises(name, dat
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
 
 
-@pytest.mark.parametrize("name", ["redcnn", "wgan_vgg", "pix2pix", "redcnn_wgan"])
+@pytest.mark.parametrize("name", ["redcnn", "wgan_vgg", "pix2pix", "redcnn_wgan", "cascade"])
 def test_interrupted_and_resumed_run_gives_the_same_losses(name, dataset, ct_weights, tmp_path):
     """Exact resume on the CPU: critic, optimizers, dropout and penalty RNG, DataLoader workers."""
     settings = {"schedule.checkpoint_every": 2, "schedule.val_every": 100, "data.workers": 1}
@@ -315,3 +317,39 @@ def test_cli_refuses_bad_requests_with_one_line(dataset, ct_weights, cli, tmp_pa
     too_big = fails("--model", "redcnn", "--data", dataset, "--out", tmp_path / "big", "--patch-size", "128")
     assert "smaller than" in too_big
     assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
+def test_cascade_trains_its_levels_in_order(dataset, ct_weights, cli, tmp_path):
+    """Stage 1 moves DRL only, stage 2 the difference network only; checkpoints say how many
+    levels are trained, and a checkpoint from stage 1 denoises with DRL alone."""
+    steps = {"schedule.stage_steps": [2, 3], "schedule.val_every": 2, "schedule.checkpoint_every": 2}
+    torch.manual_seed(0)
+    fresh = create_model("cascade", channels=8).state_dict()
+    first = train(_config("cascade", dataset, ct_weights, **steps, **{"schedule.max_steps": 2}), tmp_path / "a")
+    after_drl, info = load_checkpoint(tmp_path / "a" / "last.safetensors")
+    assert int(after_drl.trained_levels) == 1 and first.losses[0]["stage"] == 1.0
+    state = after_drl.state_dict()
+    moved = {k for k in fresh if k != "trained_levels" and not torch.equal(fresh[k], state[k])}
+    assert moved and all(k.startswith("drl.convs.") for k in moved)
+    x = torch.rand(1, 1, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(after_drl.eval()(x), after_drl.drl(x))
+    resumed = resolve_config(model=None, config_file=tmp_path / "a" / "config.json",
+                             overrides={"schedule.max_steps": 5})
+    second = train(resumed, tmp_path / "a", resume=True)
+    assert [l["stage"] for l in second.losses] == [2.0, 2.0, 2.0]
+    assert all("perceptual" not in l for l in second.losses)  # the difference network learns on MSE
+    cascade, _ = load_checkpoint(tmp_path / "a" / "last.safetensors")
+    assert int(cascade.trained_levels) == 2
+    later = cascade.state_dict()
+    changed = {k for k in later if not torch.equal(later[k], state[k])}
+    assert changed and all(k.startswith("diffs.0.") or k == "trained_levels" for k in changed)
+    # The stages must add up to the cascade's levels.
+    bad = cli("train", "--model", "cascade", "--data", dataset, "--out", tmp_path / "bad",
+              *_set_flags({**FAST, **SMALL["cascade"], "ct_weights": str(ct_weights),
+                           "schedule.stage_steps": [2]}))
+    assert bad.exit_code == 2 and "2-level cascade needs 2" in bad.output
+    assert not (tmp_path / "bad").exists()
+    other = cli("train", "--model", "redcnn", "--data", dataset, "--out", tmp_path / "bad",
+                "--set", "recipe=cascade")
+    assert other.exit_code == 2 and "cascade recipe is for the cascade model" in other.output

@@ -135,3 +135,20 @@ def test_train_config_is_frozen():
     with pytest.raises(Exception):
         config.seed = 3  # type: ignore[misc]
     assert isinstance(config, TrainConfig)
+
+
+def test_cascade_recipe_takes_vgg16_blocks_or_falls_back_to_ct_without_layers(monkeypatch):
+    monkeypatch.delenv("LDCT_VGG_WEIGHTS", raising=False)
+    config = resolve_config(model="cascade")
+    assert config.recipe == "cascade" and config.schedule.stage_steps == (132_000, 88_000)
+    assert (config.loss.perceptual, config.loss.perceptual_layer) == ("ct", "")
+    assert config.optimizer.lr == 1e-3 and config.data.batch_size == 32
+    with_vgg = resolve_config(model="cascade", overrides={"vgg_weights": "/data/vgg16-397923af.pth"})
+    assert with_vgg.loss.perceptual == "vgg16"
+    assert with_vgg.loss.perceptual_layer == "conv1_2,conv2_2,conv3_3,conv4_3"
+    three = resolve_config(model=None, config_file="cascade3")
+    assert three.model_kwargs == {"levels": 3} and len(three.schedule.stage_steps) == 3
+    with pytest.raises(UsageError, match="stage_steps"):
+        resolve_config(model="cascade", overrides={"schedule.stage_steps": [10, 0]})
+    with pytest.raises(UsageError, match="expected a list"):
+        resolve_config(model="cascade", overrides={"schedule.stage_steps": 10})

@@ -365,3 +365,26 @@ def test_simple_cnn_critic_of_seed_004_scores_each_patch():
     scores = critic(torch.rand(3, 1, 64, 64))
     assert scores.shape == (3,)
     assert critic(torch.rand(1, 1, 32, 32)).shape == (1,)  # fully convolutional
+
+
+def test_vgg_with_several_layers_taps_each_before_its_relu(vgg19_file):
+    """Seed 002's perceptual loss reads VGG16's blocks 1-4: one pass, several feature maps."""
+    vgg = VggFeatures("vgg16", layer="conv4_3, conv1_2,conv2_2,conv3_3")
+    assert vgg.layers == ["conv1_2", "conv2_2", "conv3_3", "conv4_3"] and len(vgg.features) == 22  # conv4_3 is index 21
+    torch.manual_seed(0)
+    for p in vgg.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.rand(2, 1, 32, 32)
+    taps = vgg(x)
+    assert [t.shape[1:] for t in taps] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]
+    normalised = (x.expand(-1, 3, -1, -1) - vgg.mean) / vgg.std
+    torch.testing.assert_close(taps[1], vgg.features[:8](normalised))  # conv2_2 is index 7, pre-ReLU
+    assert (taps[2] < 0).any()  # no ReLU after the tapped conv
+    # The loss is the sum over the maps of their mean squared differences (seed 002, eq. 3).
+    y = torch.rand(2, 1, 32, 32)
+    expected = sum(torch.mean((a - b) ** 2) for a, b in zip(vgg(x), vgg(y)))
+    torch.testing.assert_close(PerceptualLoss(vgg)(x, y), expected)
+    assert sorted(load_vgg_weights("vgg19", vgg19_file[0], layer="conv1_2,conv2_1",
+                                   verify_hash=False)) == sorted(_conv_keys([0, 2, 5]))
+    with pytest.raises(UsageError, match="twice"):
+        VggFeatures("vgg16", layer="conv1_2,conv1_2")
