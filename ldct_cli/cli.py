@@ -294,8 +294,9 @@ def prepare(
         help="A root with one folder per patient, each holding a low- and a full-dose series (Mayo/AAPM layout).")] = None,
     low_pattern: Annotated[str, typer.Option(help="With --mayo: folder pattern of the low-dose series.")] = "*quarter*",
     full_pattern: Annotated[str, typer.Option(help="With --mayo: folder pattern of the full-dose series.")] = "*full*",
-    simulate_dose: Annotated[Optional[float], typer.Option(
-        help="Simulate the low dose from --full at this fraction (e.g. 0.25).")] = None,
+    simulate_dose: Annotated[Optional[str], typer.Option(
+        help="Simulate the low dose from --full at this fraction (e.g. 0.25), or at several "
+             "(0.1,0.25,0.5: a low-dose file each, for variable-dose training; the first is the primary).")] = None,
     i0: Annotated[Optional[float], typer.Option(help="With --simulate-dose: photons per ray at full dose.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated noise and of the split.")] = 0,
     spacing: Annotated[Optional[float], typer.Option(help="Resample in-plane to this pixel spacing (mm).")] = None,
@@ -324,6 +325,8 @@ def prepare(
       ldct prepare data/ --mayo mayo_root/ --low-pattern '*QD*' --full-pattern '*FD*'
 
       ldct prepare data/ --full abdomen/ --simulate-dose 0.25 --split-by block
+
+      ldct prepare data/ --full abdomen/ --simulate-dose 0.1,0.25,0.5
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -348,8 +351,12 @@ def prepare(
         else:
             from ldct_cli.simulate import build_simulator
 
-            simulator, derivation = build_simulator(dose=simulate_dose, i0=i0, seed=seed, device=device)
-            simulation = dict(derivation.settings)
+            doses = prep.parse_doses(simulate_dose)
+            built = [build_simulator(dose=dose, i0=i0, seed=prep.dose_seed(seed, i), device=device)
+                     for i, dose in enumerate(doses)]
+            simulator = [sim for sim, _ in built]
+            simulation = {**dict(built[0][1].settings), "doses": doses,
+                          "seeds": [prep.dose_seed(seed, i) for i in range(len(doses))]}
             sources = prep.simulated_sources(full)
         how = {"command": "ldct prepare", "low": str(low) if low else None, "full": str(full) if full else None,
                "mayo": str(mayo) if mayo else None, "low_pattern": low_pattern, "full_pattern": full_pattern}
@@ -392,6 +399,9 @@ def evaluate(
         help="Labels of the TEST_DIRs, in order (default: Series Description or folder name).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A `ldct prepare` dataset to score models on.")] = None,
     split: Annotated[str, typer.Option(help="With --data: the split to score.")] = "test",
+    dose: Annotated[Optional[float], typer.Option(
+        help="With --data: which simulated dose of a variable-dose dataset to score "
+             "(default: its first, primary dose).")] = None,
     model: Annotated[Optional[list[str]], typer.Option(
         help="With --data: bundled model(s) or classical filter(s) (nlm, tv) to run.")] = None,
     weights: Annotated[Optional[list[Path]], typer.Option(help="With --data: checkpoint(s) to run.")] = None,
@@ -448,8 +458,10 @@ def evaluate(
             for path in weights or []:
                 built, derivation = build_denoiser(weights=path, device=device)
                 denoisers[f"{derivation.setting('model')} ({Path(path).name})"] = built
-            tests, references = ev.dataset_inputs(data, split, denoisers)
+            tests, references = ev.dataset_inputs(data, split, denoisers, dose=dose)
         else:
+            if dose is not None:
+                raise UsageError("--dose picks a dose of a variable-dose --data DATASET; give --data")
             if not test_dirs:
                 raise UsageError("give TEST_DIRs (with --reference or not), or --data DATASET")
             if label and len(label) != len(test_dirs):
@@ -504,6 +516,14 @@ def _set_values(items: list[str]) -> dict:
     return values
 
 
+def _variant_presets() -> list[str]:
+    """Bundled recipe files that are variants, not a model's own recipe (cnn_mse, cascade3...)."""
+    from ldct_cli.training.config import presets
+
+    models = set(list_models(None))
+    return [name for name in presets() if name not in models]
+
+
 @app.command()
 def train(
     model: Annotated[Optional[str], typer.Option(
@@ -514,7 +534,7 @@ def train(
         "--out", "-o", help="Run folder to create (config, checkpoints, metrics log, curves).")] = None,
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="TOML (or a run's config.json) over the model's paper recipe; or a "
-                               "bundled preset: cnn_mse, cnn_vgg, wgan_mse (Yang et al.'s variants).")] = None,
+                               f"bundled preset: {', '.join(_variant_presets())}.")] = None,
     resume: Annotated[Optional[Path], typer.Option(
         "--resume", help="Continue this run folder exactly where it stopped.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many generator updates.")] = None,
@@ -527,7 +547,8 @@ def train(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the full state every N steps.")] = None,
     perceptual: Annotated[Optional[str], typer.Option(
         help="Perceptual features: vgg19, vgg16 (need --vgg-weights) or ct (bundled). "
-             "Default: the recipe's; 'auto' = vgg19 with a VGG file, else ct.")] = None,
+             "Default: the recipe's; 'auto' = the recipe's VGG (vgg19; vgg16 for cascade) with a "
+             "VGG file, else ct.")] = None,
     vgg_weights: Annotated[Optional[Path], typer.Option(
         help="torchvision's vgg19-dcbb9e9d.pth / vgg16-397923af.pth (or $LDCT_VGG_WEIGHTS).")] = None,
     init: Annotated[Optional[Path], typer.Option(

@@ -86,19 +86,26 @@ class ArraySeries:
         return self.reader(indices)
 
 
-def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object]) -> tuple[list, list]:
+def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
+                   dose: float | None = None) -> tuple[list, list]:
     """Test series (the low-dose input, then each model's output on it) and references
-    (the full dose) for every case in a ``prepare`` dataset's split."""
-    from ldct_cli.prepare import load_manifest, open_case
+    (the full dose) for every case in a ``prepare`` dataset's split.
+
+    ``dose`` picks one of a multi-dose dataset's simulated doses; None is the primary dose
+    (low.npy), the one every dataset has.
+    """
+    from ldct_cli.prepare import dose_files, dose_index, load_manifest, open_case
 
     manifest = load_manifest(dataset)
     if split not in manifest["split"]:
         raise UsageError(f"--split {split!r}: the dataset has {', '.join(manifest['split'])}")
+    index = dose_index(manifest, dose)
+    low_name = Path(dose_files(manifest)[index]).stem  # low, low_1...
     cases = {c["id"]: c for c in manifest["cases"]}
     tests, references = [], []
     for part in manifest["split"][split]:
         case = cases[part["case"]]
-        low, full = open_case(dataset, case["id"])
+        low, full = open_case(dataset, case["id"], index)
         rows = np.arange(part["start"], part["stop"])
         z = np.array(case["z_mm"])[rows] if case["z_mm"] else rows.astype(float)
         frame = f"{dataset}:{case['id']}"  # one frame of reference per case
@@ -108,14 +115,15 @@ def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object]) -> t
         references.append(ArraySeries(label=f"full dose{tag}", folder=f"{dataset}/{case['id']}/full",
                                       reader=lambda idx, a=full, r=rows: a[r[idx]].astype(np.float32),
                                       **common))
-        tests.append(ArraySeries(label=f"low dose{tag}", folder=f"{dataset}/{case['id']}/low",
+        tests.append(ArraySeries(label=f"low dose{tag}", folder=f"{dataset}/{case['id']}/{low_name}",
                                  reader=lambda idx, a=low, r=rows: a[r[idx]].astype(np.float32), **common))
         for name, denoiser in denoisers.items():
             def run(idx, a=low, r=rows, d=denoiser, px=float(case["pixel_mm"])):
-                stack = a[r[idx]].astype(np.float32)[:, None]
-                if d.context_slices != 1:
-                    raise UsageError("2.5D models are not evaluated on datasets yet")
-                return d(stack, pixel_mm=px).astype(np.float32)
+                # Each slice with its neighbours for 2.5D models, replicated at the case's
+                # ends, as ldct denoise feeds a series (neighbours may lie outside the split).
+                k = int(getattr(d, "context_slices", 1))
+                around = np.clip(r[idx][:, None] + np.arange(k) - k // 2, 0, a.shape[0] - 1)
+                return d(a[around].astype(np.float32), pixel_mm=px).astype(np.float32)
             tests.append(ArraySeries(label=f"{name}{tag}", folder=f"{dataset}/{case['id']}/{name}",
                                      reader=run, **common))
     if not tests:

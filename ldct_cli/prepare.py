@@ -4,7 +4,13 @@ Layout of a dataset folder::
 
     manifest.json               cases, geometry, sources, split, patch settings, provenance
     cases/<case>/full.npy       int16 HU, (slices, H, W), memory-mappable
-    cases/<case>/low.npy        the matching low-dose slices, same shape
+    cases/<case>/low.npy        the matching low-dose slices, same shape: the primary dose
+    cases/<case>/low_1.npy ...  with several simulated doses, the others, in the order listed
+
+A dataset simulated at several doses (``--simulate-dose 0.1,0.25,0.5``) lets one model
+train on a mix of noise levels; ``low_doses`` in the manifest gives the dose of each
+low-dose file in file order (absent for a real low dose). Validation and evaluation use
+``low.npy`` unless told otherwise, so single-dose tools read every dataset alike.
 
 Slices are paired by position along the slice normal, never by file name. HU come
 from the rescale tags; padding pixels become air (-1000 HU). The split is by case
@@ -19,7 +25,7 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +38,7 @@ FORMAT = "ldct-dataset"
 FORMAT_VERSION = 1
 AIR_HU = -1000
 SPLITS = ("train", "val", "test")
+DOSE_TOLERANCE = 1e-6  # doses written to and read back from JSON compare equal within this
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,28 @@ def mayo_sources(root: Path, *, low_pattern: str = "*quarter*", full_pattern: st
         sources.append(CaseSource(case_id=safe_name(patient.name), full=matching(full_pattern, "full"),
                                   low=matching(low_pattern, "low")))
     return sources
+
+
+def parse_doses(text: str) -> list[float]:
+    """``--simulate-dose 0.1,0.25,0.5``: distinct fractions of the full dose, the primary first."""
+    try:
+        doses = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--simulate-dose {text!r}: dose fractions separated by commas, "
+                         "e.g. 0.25 or 0.1,0.25,0.5") from None
+    for dose in doses:
+        if not 0.0 < dose < 1.0:
+            raise UsageError(f"--simulate-dose {text}: each dose must be a fraction of the full dose, "
+                             f"between 0 and 1 (got {dose:g})")
+    if len({round(d / DOSE_TOLERANCE) for d in doses}) != len(doses):
+        raise UsageError(f"--simulate-dose {text}: each dose may be listed only once")
+    return doses
+
+
+def dose_seed(seed: int, index: int) -> int:
+    """The noise seed of the ``index``-th simulated dose: independent noise per dose, while the
+    primary dose keeps ``seed`` so a single-dose dataset is what it always was."""
+    return int(seed) + 1000 * index
 
 
 def simulated_sources(full: Path) -> list[CaseSource]:
@@ -259,21 +288,26 @@ def prepare(dataset: Path | str, sources: list[CaseSource], *, simulator=None,
             progress: ProgressFn | None = None) -> dict:
     """Write the dataset folder (atomically: complete, or not there at all); return its manifest.
 
-    Cases without a low-dose series get one from ``simulator`` (a ``LowDoseSimulator``);
-    ``simulation`` records its settings (dose, I0, seed...) in the manifest.
+    Cases without a low-dose series get one from ``simulator`` (a ``LowDoseSimulator``), or
+    one per dose from a list of them (the primary dose first: ``low.npy``, then ``low_1.npy``...);
+    ``simulation`` records their settings (dose, I0, seed...) in the manifest.
     """
     dataset = Path(dataset)
+    simulators = _as_list(simulator)
     if dataset.exists() and not overwrite:
         raise UsageError(f"{dataset}: exists already (use --overwrite to replace it)")
-    if simulator is None and any(c.low is None for c in sources):
+    if not simulators and any(c.low is None for c in sources):
         raise UsageError("cases without a low-dose series need a simulator (--simulate-dose)")
+    if len(simulators) > 1 and any(c.low is not None for c in sources):
+        # every case must hold the same doses, or the sampler's dose draw would name missing files
+        raise UsageError("several simulated doses need every case simulated (no real low-dose series)")
     ids = [c.case_id for c in sources]
     if len(set(ids)) != len(ids):
         raise PrepareError(f"two cases share an id: {sorted({i for i in ids if ids.count(i) > 1})}")
     records = []
     with staged_folder(dataset, overwrite=overwrite) as staging:
         for case in sources:
-            records.append(_write_case(staging / "cases" / case.case_id, case, simulator=simulator,
+            records.append(_write_case(staging / "cases" / case.case_id, case, simulators=simulators,
                                        spacing_mm=spacing_mm, progress=progress))
         manifest = {
             "format": FORMAT,
@@ -281,8 +315,9 @@ def prepare(dataset: Path | str, sources: list[CaseSource], *, simulator=None,
             "tool_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "how": how or {},
-            "simulated": simulator is not None,
+            "simulated": bool(simulators),
             "simulation": simulation,
+            "low_doses": [float(s.dose) for s in simulators] if simulators else None,
             "spacing_mm": spacing_mm,
             "patch": asdict(patch),
             "split_settings": {**asdict(split), "fractions": list(split.fractions)},
@@ -293,7 +328,14 @@ def prepare(dataset: Path | str, sources: list[CaseSource], *, simulator=None,
     return manifest
 
 
-def _write_case(folder: Path, case: CaseSource, *, simulator, spacing_mm: float | None,
+def _as_list(simulator) -> list:
+    """``prepare``'s ``simulator``: none, one, or a list of them, as a list."""
+    if simulator is None:
+        return []
+    return list(simulator) if isinstance(simulator, Sequence) else [simulator]
+
+
+def _write_case(folder: Path, case: CaseSource, *, simulators: list, spacing_mm: float | None,
                 progress: ProgressFn | None) -> CaseRecord:
     folder.mkdir(parents=True)
     full = case.full
@@ -301,25 +343,27 @@ def _write_case(folder: Path, case: CaseSource, *, simulator, spacing_mm: float 
     first, header = slice_hu(full.slices[0].path)
     pixel_mm, slice_mm = _spacing(full, header)
     shape = first.shape if spacing_mm is None else _resample(first, pixel_mm, spacing_mm).shape
-    full_out = np.lib.format.open_memmap(folder / "full.npy", mode="w+", dtype=np.int16,
-                                         shape=(len(pairs), *shape))
-    low_out = np.lib.format.open_memmap(folder / "low.npy", mode="w+", dtype=np.int16,
-                                        shape=(len(pairs), *shape))
+    open_out = lambda name: np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.int16,
+                                                      shape=(len(pairs), *shape))
+    full_out = open_out("full.npy")
+    low_outs = [open_out(name) for name in low_file_names(1 if case.low is not None else len(simulators))]
     for k, (i, j) in enumerate(pairs):
         image_full, header = slice_hu(full.slices[i].path)
         if case.low is not None:
-            image_low, _ = slice_hu(case.low.slices[j].path)
+            images_low = [slice_hu(case.low.slices[j].path)[0]]
         else:
-            image_low = simulator(image_full[None, None], pixel_mm=pixel_mm)[0]
+            images_low = [simulate(image_full[None, None], pixel_mm=pixel_mm)[0] for simulate in simulators]
         if spacing_mm is not None:
             image_full = _resample(image_full, pixel_mm, spacing_mm)
-            image_low = _resample(image_low, pixel_mm, spacing_mm)
-        full_out[k], low_out[k] = to_int16(image_full), to_int16(image_low)
+            images_low = [_resample(image, pixel_mm, spacing_mm) for image in images_low]
+        full_out[k] = to_int16(image_full)
+        for low_out, image_low in zip(low_outs, images_low):
+            low_out[k] = to_int16(image_low)
         if progress:
             progress(case.case_id, k + 1, len(pairs))
-    full_out.flush()
-    low_out.flush()
-    del full_out, low_out
+    for out in (full_out, *low_outs):
+        out.flush()
+    del full_out, low_outs, out  # close the memmaps before the staged folder is moved
     z = _positions(full).tolist() if all(s.position for s in full.slices) else []
     return CaseRecord(
         id=case.case_id, slices=len(pairs), rows=shape[0], columns=shape[1],
@@ -341,7 +385,45 @@ def load_manifest(dataset: Path | str) -> dict:
     return manifest
 
 
-def open_case(dataset: Path | str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(low, full) int16 HU arrays of a case, memory-mapped (read-only)."""
+def low_file_names(count: int) -> list[str]:
+    """The low-dose files of a case holding ``count`` doses: low.npy, low_1.npy, low_2.npy..."""
+    return ["low.npy"] + [f"low_{i}.npy" for i in range(1, count)]
+
+
+def dose_files(manifest: dict) -> list[str]:
+    """Each low-dose file of a case, in the order of the manifest's ``low_doses``
+    (just low.npy for a real low dose or a dataset older than multi-dose)."""
+    return low_file_names(len(manifest.get("low_doses") or [None]))
+
+
+def _doses_text(manifest: dict) -> str:
+    """The doses a dataset holds, for error messages."""
+    doses = manifest.get("low_doses")
+    if not doses:
+        return "one real (not simulated) low dose"
+    return "doses " + ", ".join(f"{d:g}" for d in doses)
+
+
+def dose_index(manifest: dict, dose: float | None) -> int:
+    """The index of ``dose`` among the dataset's low-dose files; None means the primary (0)."""
+    if dose is None:
+        return 0
+    for index, known in enumerate(manifest.get("low_doses") or []):
+        if abs(float(known) - dose) <= DOSE_TOLERANCE:
+            return index
+    raise UsageError(f"dose {dose:g} is not in the dataset, which has {_doses_text(manifest)}")
+
+
+def open_case(dataset: Path | str, case_id: str, dose_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(low, full) int16 HU arrays of a case, memory-mapped (read-only); ``dose_index`` picks the
+    low-dose file (0, the primary dose, needs no manifest: every dataset has low.npy)."""
     folder = Path(dataset) / "cases" / case_id
-    return (np.load(folder / "low.npy", mmap_mode="r"), np.load(folder / "full.npy", mmap_mode="r"))
+    low = "low.npy"
+    if dose_index != 0:
+        manifest = load_manifest(dataset)
+        files = dose_files(manifest)
+        if not 0 <= dose_index < len(files):
+            raise UsageError(f"dose index {dose_index}: the dataset has {_doses_text(manifest)} "
+                             f"(indices 0 to {len(files) - 1})")
+        low = files[dose_index]
+    return (np.load(folder / low, mmap_mode="r"), np.load(folder / "full.npy", mmap_mode="r"))

@@ -151,6 +151,17 @@ register_model(ModelInfo(
     recipe="cascade",
 ))
 register_model(ModelInfo(
+    name="cpca",
+    target="ldct_cli.models.cpca:CPCA",
+    title="CPCA: contracting-path conv autoencoder (4 conv + 4 deconv, 32 maps, 3x3, 1x1 64->32 after "
+          "each path); 2.5D with in_slices 3/5/7 (3D filters, initialised from a 2D model)",
+    paper="H. Shan et al., 3-D Convolutional Encoder-Decoder Network for Low-Dose CT via Transfer Learning "
+          "From a 2-D Trained Network, IEEE TMI 37(6), 2018 (seed 003)",
+    hu_norm=UNIT_RANGE,
+    recipe="wgan_gp",
+    objective="adversarial",
+))
+register_model(ModelInfo(
     name="ct_features",
     target="ldct_cli.training.perceptual:CtAutoencoder",
     title="CT feature extractor: convolutional autoencoder trained on full-dose CT patches; "

@@ -2,7 +2,8 @@
 
 Every step's patches are a pure function of (seed, rank, step), so a resumed run or a
 DDP rank sees exactly the data it would have seen without interruption, whatever the
-number of DataLoader workers.
+number of DataLoader workers. A dataset simulated at several doses gives each patch a dose
+drawn uniformly from them, so one batch mixes noise levels (variable-dose training).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldct_cli.errors import UsageError
-from ldct_cli.prepare import SPLITS, load_manifest, open_case
+from ldct_cli.prepare import SPLITS, dose_files, load_manifest, open_case
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class PatchPick(NamedTuple):
     hflip: bool
     vflip: bool
     rot90: int  # quarter turns, applied after the flips
+    dose: int = 0  # index into the dataset's low-dose files (manifest "low_doses"); 0 is the primary
 
 
 @dataclass
@@ -129,17 +131,19 @@ class PatchSampler(IterableDataset):
         lengths = np.array([stop - start for _, start, stop in self._ranges])
         self._range_ends = np.cumsum(lengths)  # a uniform draw over all split slices = cases weighted by slices
         self.n_slices = int(self._range_ends[-1])
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.low_doses: list[float] | None = manifest.get("low_doses")
+        self.n_doses = len(dose_files(manifest))
+        self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict:
         # Workers reopen the memmaps themselves: pickling an open one would copy the whole case.
         return {**self.__dict__, "_arrays": {}}
 
-    def _case(self, case: str) -> tuple[np.ndarray, np.ndarray]:
-        """(low, full) memmaps of a case, opened on first use in the process that iterates."""
-        if case not in self._arrays:
-            self._arrays[case] = open_case(self.dataset, case)
-        return self._arrays[case]
+    def _case(self, case: str, dose: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(low at ``dose``, full) memmaps of a case, opened on first use in the process that iterates."""
+        if (case, dose) not in self._arrays:
+            self._arrays[case, dose] = open_case(self.dataset, case, dose)
+        return self._arrays[case, dose]
 
     def describe(self) -> dict:
         """What this sampler draws, for the training log."""
@@ -153,7 +157,7 @@ class PatchSampler(IterableDataset):
             "batches_per_step": s.batches_per_step, "context_slices": s.context_slices,
             "body_threshold_hu": s.body_threshold_hu, "min_body_fraction": s.min_body_fraction,
             "max_tries": s.max_tries, "augment": s.augment, "seed": self.seed, "rank": self.rank,
-            "world_size": self.world_size, "start_step": self.start_step,
+            "world_size": self.world_size, "start_step": self.start_step, "low_doses": self.low_doses,
         }
 
     def _draw_patch(self, rng: np.random.Generator, low_out: np.ndarray, full_out: np.ndarray) -> PatchPick:
@@ -164,7 +168,10 @@ class PatchSampler(IterableDataset):
         r = int(np.searchsorted(self._range_ends, u, side="right"))
         case, start, stop = self._ranges[r]
         index = start + u - int(self._range_ends[r] - (stop - start))
-        low, full = self._case(case)
+        # Drawn only with several doses: a single-dose dataset keeps the stream it always had,
+        # so runs and resumes from before multi-dose datasets stay exact.
+        dose = int(rng.integers(self.n_doses)) if self.n_doses > 1 else 0
+        low, full = self._case(case, dose)
         rows, columns = full.shape[1:]
         best = (-1.0, 0, 0)
         for _ in range(s.max_tries):
@@ -182,7 +189,7 @@ class PatchSampler(IterableDataset):
         context = _context(low.shape[0], index, s.context_slices)
         low_out[...] = _augmented(low[context, y:y + size, x:x + size], hflip, vflip, rot90)
         full_out[...] = _augmented(full[index:index + 1, y:y + size, x:x + size], hflip, vflip, rot90)
-        return PatchPick(case, index, y, x, hflip, vflip, rot90)
+        return PatchPick(case, index, y, x, hflip, vflip, rot90, dose)
 
     def batch_for_step(self, step: int, *, return_index: bool = False):
         """``(low_hu (n, B, k, P, P), full_hu (n, B, 1, P, P))`` of ``step``; with ``return_index``
@@ -234,8 +241,10 @@ def make_loader(sampler: PatchSampler, *, workers: int, prefetch: int = 4) -> Da
 
 
 def validation_slices(dataset: Path | str, *, split: str = "val", count: int = 4,
-                      context_slices: int = 1) -> list[ValidationSlice]:
-    """``count`` whole slices spread evenly over the split (all of them if fewer), deterministic."""
+                      context_slices: int = 1, dose_index: int = 0) -> list[ValidationSlice]:
+    """``count`` whole slices spread evenly over the split (all of them if fewer), deterministic;
+    the low dose is the file ``dose_index`` (the primary dose unless told otherwise, so the
+    validation curve of a variable-dose run compares with a single-dose one)."""
     if count < 1:
         raise UsageError(f"count must be 1 or more, got {count}")
     if context_slices < 1 or context_slices % 2 == 0:
@@ -252,7 +261,7 @@ def validation_slices(dataset: Path | str, *, split: str = "val", count: int = 4
     out = []
     for case, index in flat:
         if case not in arrays:
-            arrays[case] = open_case(dataset, case)
+            arrays[case] = open_case(dataset, case, dose_index)
         low, full = arrays[case]
         out.append(ValidationSlice(
             case=case, index=index,

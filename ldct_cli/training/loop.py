@@ -32,7 +32,7 @@ from ldct_cli.checkpoint import save_checkpoint, tensors_sha256
 from ldct_cli.errors import UsageError
 from ldct_cli.fsutil import atomic_path
 from ldct_cli.metrics import get_window, psnr, rmse_hu, ssim
-from ldct_cli.models.registry import create_model
+from ldct_cli.models.registry import create_model, get_model_info
 from ldct_cli.training.config import TrainConfig, batches_per_step, OptimizerConfig
 from ldct_cli.training.steps import STEPS, Parts
 
@@ -264,19 +264,31 @@ def _adam(params, opt: OptimizerConfig) -> torch.optim.Adam:
 
 
 def _warm_start(generator: torch.nn.Module, config: TrainConfig) -> dict[str, Any]:
-    """Load ``config.init``'s weights into the fresh generator; the same model and kwargs only."""
+    """Load ``config.init``'s weights into the fresh generator: the same network (the same model,
+    or another registered on the same class) and kwargs, or, for a model that can
+    ``inflate_from`` (CPCA, seed 003), a 2D checkpoint into its 2.5D form."""
     from ldct_cli.checkpoint import load_checkpoint
 
     source, info = load_checkpoint(config.init)  # checksum verified; builds what the file describes
     wanted = dict(generator.ldct_kwargs)
-    if info.model != config.model or info.model_kwargs != wanted:
+    inflate = (info.model == config.model and hasattr(generator, "inflate_from")
+               and info.model_kwargs.get("in_slices") == 1 and wanted.get("in_slices", 1) > 1
+               and {**info.model_kwargs, "in_slices": wanted["in_slices"]} == wanted)
+    # redcnn_wgan is the RED-CNN network under another recipe: a redcnn checkpoint starts it.
+    same_network = (info.model == config.model or get_model_info(info.model).target
+                    == get_model_info(config.model).target)
+    if not inflate and (not same_network or info.model_kwargs != wanted):
         raise UsageError(f"{info.path}: --init needs a checkpoint of {config.model} {wanted}, "
                          f"this one is {info.model} {info.model_kwargs}")
     if info.hu_norm != generator.hu_norm:
         raise UsageError(f"{info.path}: --init checkpoint uses another HU normalization than {config.model}")
-    generator.load_state_dict(source.state_dict())
+    if inflate:
+        generator.inflate_from(source)  # 3D filters: the 2D one at the centre slice, zeros beside
+    else:
+        generator.load_state_dict(source.state_dict())
     return {"file": str(info.path), "tensors_sha256": info.tensors_sha256,
-            "step": info.training.get("step"), "recipe": info.training.get("recipe")}
+            "step": info.training.get("step"), "recipe": info.training.get("recipe"),
+            "inflated_from_2d": inflate}
 
 
 def _check_patch_size(generator: torch.nn.Module, config: TrainConfig) -> None:

@@ -31,8 +31,9 @@ SMALL = {
     "pix2pix": {"model_kwargs.depth": 3, "model_kwargs.base_channels": 8, "model_kwargs.max_channels": 16},
     "ct_features": {"model_kwargs.channels": 8},
     "cascade": {"model_kwargs.channels": 8, "schedule.stage_steps": [2, 2]},
+    "cpca": {"model_kwargs.channels": 8},
 }
-PERCEPTUAL_MODELS = ("wgan_vgg", "cascade")  # their recipes' "auto" perceptual loss falls back to ct
+PERCEPTUAL_MODELS = ("wgan_vgg", "cascade", "cpca")  # their recipes' "auto" perceptual loss falls back to ct
 FAST = {"data.patch_size": 32, "data.batch_size": 2, "data.workers": 0, "schedule.val_slices": 2,
         "schedule.log_every": 1}
 
@@ -353,3 +354,43 @@ def test_cascade_trains_its_levels_in_order(dataset, ct_weights, cli, tmp_path):
     other = cli("train", "--model", "redcnn", "--data", dataset, "--out", tmp_path / "bad",
                 "--set", "recipe=cascade")
     assert other.exit_code == 2 and "cascade recipe is for the cascade model" in other.output
+
+
+def test_cpca_3d_starts_from_a_2d_run_exactly_as_good_and_denoises_with_neighbours(dataset, ct_weights, cli,
+                                                                                   tmp_path):
+    """Seed 003's transfer: the 2.5D CPCA initialised from a 2D one gives the 2D model's output."""
+    two_d = train(_config("cpca", dataset, ct_weights, **{"schedule.max_steps": 2, "schedule.val_every": 2}),
+                  tmp_path / "2d")
+    values = {"data.path": str(dataset), **FAST, **SMALL["cpca"], "ct_weights": str(ct_weights),
+              "init": str(tmp_path / "2d" / "last.safetensors"), "schedule.max_steps": 1,
+              "schedule.val_every": 1, "optimizer.lr": 1e-30, "critic_optimizer.lr": 1e-30}
+    three_d = train(resolve_config(model=None, config_file="cpca_3d", overrides=values), tmp_path / "3d")
+    assert three_d.best["psnr"] == pytest.approx(two_d.last_val["psnr"], abs=1e-4)
+    _, info = load_checkpoint(tmp_path / "3d" / "last.safetensors")
+    assert info.model_kwargs["in_slices"] == 3 and info.training["init"]["inflated_from_2d"] is True
+    # A 2.5D checkpoint cannot start a 2D run, nor a 3-slice one a 5-slice run.
+    refused = cli("train", "--model", "cpca", "--data", dataset, "--out", tmp_path / "bad",
+                  "--init", tmp_path / "3d", *_set_flags({**FAST, **SMALL["cpca"], "ct_weights": str(ct_weights)}))
+    assert refused.exit_code == 2 and "--init needs a checkpoint of cpca" in refused.output
+    # ldct denoise feeds each slice with its neighbours (replicated at the ends).
+    series = tmp_path / "series"
+    write_series(series, SeriesSpec(n_slices=4, rows=48, columns=48))
+    denoised = cli("denoise", series, tmp_path / "out", "--weights", tmp_path / "3d", "--quiet")
+    assert denoised.exit_code == 0, denoised.output
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 4
+
+
+def test_redcnn_wgan_starts_from_a_redcnn_checkpoint(dataset, ct_weights, tmp_path):
+    """The same network under another recipe (seed 004 fine-tunes RED-CNN adversarially)."""
+    train(_config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 1, "schedule.val_every": 1}),
+          tmp_path / "mse")
+    source, source_info = load_checkpoint(tmp_path / "mse" / "last.safetensors")
+    tiny = {"optimizer.lr": 1e-30, "critic_optimizer.lr": 1e-30, "schedule.max_steps": 1, "schedule.val_every": 1,
+            "init": str(tmp_path / "mse" / "last.safetensors")}
+    train(_config("redcnn_wgan", dataset, ct_weights, **tiny), tmp_path / "wgan")
+    warm, info = load_checkpoint(tmp_path / "wgan" / "last.safetensors")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(warm.state_dict()[name], tensor, rtol=0, atol=1e-12)
+    assert info.model == "redcnn_wgan" and info.training["init"]["tensors_sha256"] == source_info.tensors_sha256
+    with pytest.raises(Exception, match="--init needs a checkpoint of redcnn_wgan"):
+        train(_config("redcnn_wgan", dataset, ct_weights, **{**tiny, "model_kwargs.channels": 4}), tmp_path / "w2")

@@ -69,3 +69,12 @@ def test_stage_follows_the_step(step, stage):
 def test_a_cascade_needs_a_level():
     with pytest.raises(ValueError, match="at least one level"):
         Cascade(levels=0)
+
+
+def test_a_new_difference_network_predicts_no_difference():
+    """Adding a level starts from the previous level's output, not from random noise."""
+    torch.manual_seed(2)
+    net = Cascade(levels=2, channels=8).eval()
+    x = torch.rand(1, 1, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.drl(x), rtol=0, atol=0)

@@ -142,8 +142,8 @@ def test_augmentation_keeps_low_and_full_aligned_and_varies_the_patches(clean_da
         low_p, full_p, picks_p = plain.batch_for_step(step, return_index=True)
         assert torch.equal(low_a, full_a) and torch.equal(low_p, full_p)  # low == full in this dataset
         for j, (pa, pp) in enumerate(zip(picks_a, picks_p)):
-            assert pa[:4] == pp[:4] and pp[4:] == (False, False, 0)  # same place, only the view differs
-            transforms.add(pa[4:])
+            assert pa[:4] == pp[:4] and pp[4:7] == (False, False, 0)  # same place, only the view differs
+            transforms.add(pa[4:7])
             assert np.array_equal(full_a[0, j].numpy(), _expected(*open_case(clean_dataset, pa.case), pa, 1)[1])
         assert not torch.equal(full_a, full_p)
     assert len(transforms) >= 6  # flips and quarter turns all occur
