@@ -53,7 +53,8 @@ def test_built_from_its_keyword_arguments() -> None:
     """What a checkpoint stores (the kwargs) is all it takes to rebuild the network."""
     assert list(inspect.signature(CPCA).parameters) == ["in_slices", "channels"]
     source = _model(in_slices=3, channels=8)
-    rebuilt = CPCA(**{"in_slices": 3, "channels": 8})
+    stored_kwargs = {"in_slices": 3, "channels": 8}
+    rebuilt = CPCA(**stored_kwargs)
     rebuilt.load_state_dict(source.state_dict())
     x = _rand(1, 3, 20, 20)
     with torch.no_grad():
