@@ -457,7 +457,10 @@ def evaluate(
                 denoisers[name], _ = build_denoiser(model=name, device=device)
             for path in weights or []:
                 built, derivation = build_denoiser(weights=path, device=device)
-                denoisers[f"{derivation.setting('model')} ({Path(path).name})"] = built
+                label = f"{derivation.setting('model')} ({Path(path).name})"
+                if label in denoisers:  # two runs of one folder name: the whole path tells them apart
+                    label = f"{derivation.setting('model')} ({path})"
+                denoisers[label] = built
             tests, references = ev.dataset_inputs(data, split, denoisers, dose=dose)
         else:
             if dose is not None:

@@ -343,8 +343,9 @@ def _write_case(folder: Path, case: CaseSource, *, simulators: list, spacing_mm:
     first, header = slice_hu(full.slices[0].path)
     pixel_mm, slice_mm = _spacing(full, header)
     shape = first.shape if spacing_mm is None else _resample(first, pixel_mm, spacing_mm).shape
-    open_out = lambda name: np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.int16,
-                                                      shape=(len(pairs), *shape))
+    def open_out(name: str) -> np.ndarray:
+        return np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.int16, shape=(len(pairs), *shape))
+
     full_out = open_out("full.npy")
     low_outs = [open_out(name) for name in low_file_names(1 if case.low is not None else len(simulators))]
     for k, (i, j) in enumerate(pairs):

@@ -312,6 +312,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         resolved = (replace(loss, perceptual=loss.perceptual_vgg) if vgg
                     else replace(loss, perceptual="ct", perceptual_layer=""))
         config = replace(config, loss=resolved, vgg_weights=vgg)
+    elif loss.perceptual == "ct" and loss.perceptual_layer:
+        # Layers name VGG convolutions (a recipe's list, e.g. the cascade's); the CT
+        # extractor has one output, so --perceptual ct uses it whatever the recipe lists.
+        config = replace(config, loss=replace(loss, perceptual_layer=""))
     elif loss.perceptual in ("vgg19", "vgg16") and not config.vgg_weights:
         config = replace(config, vgg_weights=os.environ.get("LDCT_VGG_WEIGHTS", ""))
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,14 @@ def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkp
     assert all(len(s["per_slice"]) == 2 for s in report["series"])
     assert all(s["against"] == "full dose" for s in tests)
     assert [s["label"] for s in report["series"] if s["role"] == "reference"] == ["full dose (reference)"]
+    # Two runs whose files share a name keep a row each.
+    twin = tmp_path / "elsewhere" / checkpoints["wgan_vgg"].name
+    twin.parent.mkdir()
+    shutil.copy(checkpoints["wgan_vgg"], twin)
+    both = json.loads(_run(cli, "--data", tmp_path / "data", "--weights", checkpoints["wgan_vgg"], "--weights",
+                           twin, "--json", "--device", "cpu", "--roi-size", "8").stdout)
+    rows = [s["label"] for s in both["series"] if s["role"] == "test"]
+    assert len(rows) == 3 and len(set(rows)) == 3 and str(twin) in rows[2]
 
 
 def test_roi_file_gives_fixed_rois_and_cnr(study, cli, tmp_path):

@@ -146,6 +146,8 @@ def test_cascade_recipe_takes_vgg16_blocks_or_falls_back_to_ct_without_layers(mo
     with_vgg = resolve_config(model="cascade", overrides={"vgg_weights": "/data/vgg16-397923af.pth"})
     assert with_vgg.loss.perceptual == "vgg16"
     assert with_vgg.loss.perceptual_layer == "conv1_2,conv2_2,conv3_3,conv4_3"
+    # --perceptual ct: the recipe's VGG layer list does not apply to the CT extractor.
+    assert resolve_config(model="cascade", overrides={"loss.perceptual": "ct"}).loss.perceptual_layer == ""
     three = resolve_config(model=None, config_file="cascade3")
     assert three.model_kwargs == {"levels": 3} and len(three.schedule.stage_steps) == 3
     with pytest.raises(UsageError, match="stage_steps"):
