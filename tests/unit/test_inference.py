@@ -75,7 +75,11 @@ def test_denoiser_is_the_model_in_hu(name):
     assert np.isfinite(out).all()
     with torch.no_grad():
         expected = model.hu_norm.to_hu(model(model.hu_norm.to_model(torch.from_numpy(stack)))[:, 0]).numpy()
-    np.testing.assert_allclose(out, expected, atol=1e-5 * model.hu_norm.scale_hu, rtol=0)
+    # 1e-4 of the HU scale (0.2-0.4 HU, under the 1 HU step that DICOM stores): the Denoiser
+    # runs channels-last and oneDNN may pick another convolution algorithm than for the plain
+    # call; on the 7-level Pix2Pix U-Net that moved outputs by up to 0.08 HU now and then
+    # (measured; with 1e-5 of the scale, 0.02 HU, this test failed in some runs).
+    np.testing.assert_allclose(out, expected, atol=1e-4 * model.hu_norm.scale_hu, rtol=0)
 
 
 def test_denoiser_uses_the_given_hu_norm():
