@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ldct_cli.errors import UsageError
+from ldct_cli.models.layout import to_channels_last
 from ldct_cli.models.normalization import HUNormalization
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -109,7 +110,7 @@ class Denoiser:
             # Slices of one series share a shape: let cuDNN pick its fastest kernels once.
             torch.backends.cudnn.benchmark = True
         # channels_last: faster convolutions on CPU (oneDNN) and with CUDA tensor cores.
-        self.net = model.to(memory_format=torch.channels_last)
+        self.net = to_channels_last(model)
         self.context_slices = int(getattr(self.model, "context_slices", 1))
         self.size_multiple = int(getattr(self.model, "size_multiple", 1))
         halo = getattr(self.model, "halo", None)

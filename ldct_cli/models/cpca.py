@@ -18,8 +18,6 @@ exactly what the 2D one does on the centre slice before fine-tuning starts.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -38,7 +36,7 @@ class CPCA(nn.Module):
     # 16x1x64x64 batch, from minimum step times on a busy 2-core host: 2 threads 10.3 s
     # against 15.4 s in the default layout; 1 thread 2.4 s against 2.9 s. On 1 thread
     # in_slices=3, 5 and 7 gain 13-16% too, with the Conv3d kernels in the 3D channels-last
-    # layout (see ``to``).
+    # layout (``ldct_cli.models.layout.to_channels_last``).
     cpu_channels_last = True
 
     def __init__(self, in_slices: int = 1, channels: int = 32):
@@ -112,20 +110,3 @@ class CPCA(nn.Module):
                     target[:, :, target.shape[2] // 2].copy_(weight)
                 else:  # unreachable for two CPCAs of equal width; a guard, not a feature
                     raise ValueError(f"{name}: cannot inflate {tuple(weight.shape)} to {tuple(target.shape)}")
-
-    def to(self, *args: Any, **kwargs: Any) -> CPCA:
-        """``nn.Module.to``, but channels-last gives Conv3d kernels the 3D channels-last layout.
-
-        The training loop and inference call ``.to(memory_format=torch.channels_last)``,
-        which torch refuses for the 5D kernels of the 3D layers ("required rank 4 tensor").
-        """
-        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if memory_format is not torch.channels_last or not self.depth_layers:
-            return super().to(*args, **kwargs)
-        super().to(device=device, dtype=dtype, non_blocking=non_blocking)
-        for module in self.modules():
-            if isinstance(module, nn.Conv3d):
-                module.to(memory_format=torch.channels_last_3d)
-            elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                module.to(memory_format=torch.channels_last)
-        return self

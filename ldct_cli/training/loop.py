@@ -32,6 +32,7 @@ from ldct_cli.checkpoint import save_checkpoint, tensors_sha256
 from ldct_cli.errors import UsageError
 from ldct_cli.fsutil import atomic_path
 from ldct_cli.metrics import get_window, psnr, rmse_hu, ssim
+from ldct_cli.models.layout import to_channels_last
 from ldct_cli.models.registry import create_model, get_model_info
 from ldct_cli.training.config import TrainConfig, batches_per_step, OptimizerConfig
 from ldct_cli.training.steps import STEPS, Parts
@@ -454,9 +455,11 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         # WGAN-VGG 1.4x faster that way (measured), but not every network gains.
         memory_format = (torch.channels_last if device.type == "cuda"
                          or getattr(generator, "cpu_channels_last", True) else torch.contiguous_format)
-        generator = generator.to(device, memory_format=memory_format).train()
-        if critic is not None:
-            critic = critic.to(memory_format=memory_format)
+        generator = generator.to(device).train()
+        if memory_format is torch.channels_last:
+            to_channels_last(generator)
+            if critic is not None:
+                to_channels_last(critic)
         torch.manual_seed(config.seed + 1000 * dist_info.rank + 1)
         precision, autocast = _autocast(config, device)
         opt_g = _adam(generator.parameters(), config.optimizer)
