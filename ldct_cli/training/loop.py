@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ldct_cli.checkpoint import save_checkpoint, tensors_sha256
-from ldct_cli.errors import UsageError
+from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.fsutil import atomic_path
 from ldct_cli.metrics import get_window, psnr, rmse_hu, ssim
 from ldct_cli.models.layout import to_channels_last
@@ -334,11 +334,39 @@ def _score(test_hu: np.ndarray, ref_hu: np.ndarray, window) -> dict[str, float]:
 
 # ---------------------------------------------------------------- log and curves
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON record per line, appended and flushed as training goes."""
+class RunFolder:
+    """The run folder this process created or resumed, by identity, not only by path.
+
+    A folder renamed while its run still writes (``mv runs/a runs/b`` and a new
+    ``runs/a``, or a SIGTERM whose last save lands after the rename) would otherwise get
+    the old run's checkpoint and log lines under the new run's name. Every write checks
+    first that the path still names the same folder, and stops with an error if not.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self._identity = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def check(self) -> None:
+        if self._stat() != self._identity:
+            raise LdctError(f"{self.path}: the run folder was moved, removed or replaced while "
+                            "training; stopped without writing into it (the moved folder holds "
+                            "this run's last save)")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON record per line, appended and flushed as training goes."""
+
+    def __init__(self, path: Path, folder: RunFolder | None = None):
+        self.path = path
+        self.folder = folder
 
     def records(self) -> list[dict]:
         if not self.path.is_file():
@@ -352,6 +380,8 @@ class MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
+        if self.folder is not None:
+            self.folder.check()
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -467,7 +497,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         step, best, elapsed_before = 0, None, 0.0
         plateau = Plateau()
-        log = MetricsLog(run_dir / LOG_FILE)
+        folder = RunFolder(run_dir) if dist_info.main else None
+        log = MetricsLog(run_dir / LOG_FILE, folder)
         if resume:
             state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
             generator.load_state_dict(state["generator"])
@@ -513,6 +544,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                 gathered = [rng]
             if not dist_info.main:
                 return
+            folder.check()
             training = {"step": step, "recipe": config.recipe, "dataset": str(config.data.path),
                         "perceptual": config.loss.perceptual if parts.perceptual is not None else "none",
                         "perceptual_source": (getattr(parts.perceptual.extractor, "source", None)

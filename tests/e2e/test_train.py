@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldct_cli.errors import LdctError
 from ldct_cli.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from ldct_cli.models.registry import create_model, list_models
 from ldct_cli.training.config import resolve_config
@@ -173,6 +174,39 @@ def test_max_minutes_stops_and_saves(dataset, ct_weights, tmp_path):
     result = train(config, tmp_path / "run")
     assert (result.stopped, result.step) == ("max_minutes", 1)
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 1
+
+
+class _RenameAfterFirstValidation:
+    """What a user did: ``mv runs/a runs/b`` while ``runs/a`` still trained, then a new ``runs/a``."""
+
+    def __init__(self, run_dir: Path, moved_to: Path):
+        self.run_dir, self.moved_to = run_dir, moved_to
+
+    def started(self, **_) -> None:
+        pass
+
+    def stepped(self, *_) -> None:
+        pass
+
+    def validated(self, step, metrics, *, best) -> None:
+        self.run_dir.rename(self.moved_to)
+        self.run_dir.mkdir()
+        (self.run_dir / "config.json").write_text("{}")  # the other run's
+
+
+def test_a_run_whose_folder_is_renamed_stops_instead_of_writing_into_the_new_one(dataset, ct_weights, tmp_path):
+    config = _config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 8, "schedule.val_every": 4,
+                                                       "schedule.checkpoint_every": 2})
+    run_dir, moved = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(LdctError, match="moved, removed or replaced"):
+        train(config, run_dir, progress=_RenameAfterFirstValidation(run_dir, moved))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    assert (run_dir / "config.json").read_text() == "{}"
+    # The moved folder is a consistent run that stopped at its last save, and resumes.
+    assert torch.load(moved / "state.pt", weights_only=True)["step"] == 2
+    result = train(resolve_config(model=None, config_file=moved / "config.json",
+                                  overrides={"schedule.max_steps": 5}), moved, resume=True)
+    assert result.step == 5
 
 
 def test_init_warm_starts_from_a_checkpoint_of_the_same_model(dataset, ct_weights, cli, tmp_path):
