@@ -24,7 +24,7 @@ CASES = [
     ("wgan_vgg (WGAN-GP + CT perceptual)", "wgan_vgg", 16, {}),
     ("wgan_vgg, paper batch", "wgan_vgg", 128, {}),
     ("wgan_vgg generator, CNN-MSE", "cnn_mse", 16, {}),
-    ("pix2pix (cGAN + 100 L1)", "pix2pix", 1, {}),
+    ("pix2pix_small (cGAN + 100 L1)", "pix2pix_small", 1, {}),
     ("ct_features (autoencoder)", "ct_features", 16, {}),
 ]
 

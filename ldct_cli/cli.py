@@ -675,7 +675,7 @@ def models(
         info = get_model_info(name)
         entry = manifest.get(name)
         row = {"name": name, "kind": info.kind, "recipe": info.recipe, "objective": info.objective,
-               "title": info.title, "paper": info.paper,
+               "variant_of": info.variant_of, "title": info.title, "paper": info.paper,
                "hu_norm": info.hu_norm.to_dict() if info.hu_norm is not None else None,
                "bundled_weights": None, "meets_bar": None, "bundled": None}
         if entry is not None:
@@ -695,6 +695,8 @@ def models(
         for row in rows:
             about = (f"{row['kind']}, {row['objective']}, recipe {row['recipe']}"
                      if row["kind"] != "classical" else "classical filter")
+            if row["variant_of"]:
+                about += f"; a variant of {row['variant_of']}"
             out.print(f"\n[bold]{row['name']}[/bold] ({about}): {row['title']}")
             out.print(f"  paper: {row['paper']}", markup=False)
             for line in _bundled_lines(row):

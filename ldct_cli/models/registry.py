@@ -33,6 +33,15 @@ class ModelInfo:
     # What its paper trains it for: "mse" (pixel loss, built for PSNR) or "adversarial"
     # (GAN losses, built to keep texture). The bundled-weights bar differs by objective.
     objective: str = "mse"
+    # A named variant of another registered model (same network class and recipe file,
+    # other ``default_kwargs``, e.g. narrower to train on a CPU): never a silent change of
+    # the paper's network, which keeps the plain name.
+    variant_of: str | None = None
+
+    @property
+    def recipe_name(self) -> str:
+        """The recipe file (``recipes/<recipe_name>.toml``) this model trains with."""
+        return self.variant_of or self.name
 
     def load_class(self):
         module_name, _, class_name = self.target.partition(":")
@@ -50,6 +59,11 @@ def register_model(info: ModelInfo) -> ModelInfo:
         raise ValueError(f"model {info.name!r}: objective {info.objective!r} is not one of {OBJECTIVES}")
     if info.kind not in KINDS:
         raise ValueError(f"model {info.name!r}: kind {info.kind!r} is not one of {KINDS}")
+    if info.variant_of is not None:
+        parent = _REGISTRY.get(info.variant_of)
+        if parent is None or parent.target != info.target or parent.recipe != info.recipe:
+            raise ValueError(f"model {info.name!r}: a variant of {info.variant_of!r} needs that model "
+                             "registered first, with the same network class and recipe")
     _REGISTRY[info.name] = info
     return info
 
@@ -123,11 +137,23 @@ register_model(ModelInfo(
 register_model(ModelInfo(
     name="pix2pix",
     target="ldct_cli.models.pix2pix:UNetGenerator",
-    title="Pix2Pix U-Net generator: 4x4 stride-2 convs, BatchNorm, skips, dropout, tanh",
+    title="Pix2Pix U-Net generator: 7 down / 7 up, 4x4 stride-2 convs, widths 64-512, BatchNorm, skips, "
+          "dropout, tanh",
     paper="P. Isola et al., Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017",
     hu_norm=SYMMETRIC_RANGE,
     recipe="pix2pix",
     objective="adversarial",
+))
+register_model(ModelInfo(
+    name="pix2pix_small",
+    target="ldct_cli.models.pix2pix:UNetGenerator",
+    title="Pix2Pix U-Net at half the paper's width (32-256): a quarter of the parameters, to train on a CPU",
+    paper="P. Isola et al., Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017",
+    hu_norm=SYMMETRIC_RANGE,
+    default_kwargs={"base_channels": 32, "max_channels": 256},
+    recipe="pix2pix",
+    objective="adversarial",
+    variant_of="pix2pix",
 ))
 register_model(ModelInfo(
     name="redcnn_wgan",

@@ -239,7 +239,7 @@ def resolve_config(*, model: str | None, config_file: Path | str | None = None,
     if not name:
         raise UsageError("name the model to train: --model NAME (or `model = ...` in --config)")
     info = get_model_info(name)
-    recipe_file = RECIPES_DIR / f"{name}.toml"
+    recipe_file = RECIPES_DIR / f"{info.recipe_name}.toml"
     tree: dict[str, Any] = {"model": name, "recipe": info.recipe}
     if recipe_file.is_file():
         tree = _merge(tree, tomllib.loads(recipe_file.read_text()))

@@ -30,6 +30,7 @@ SMALL = {
     "redcnn_wgan": {"model_kwargs.channels": 8},
     "wgan_vgg": {"model_kwargs.channels": 8},
     "pix2pix": {"model_kwargs.depth": 3, "model_kwargs.base_channels": 8, "model_kwargs.max_channels": 16},
+    "pix2pix_small": {"model_kwargs.depth": 3, "model_kwargs.base_channels": 8, "model_kwargs.max_channels": 16},
     "ct_features": {"model_kwargs.channels": 8},
     "cascade": {"model_kwargs.channels": 8, "schedule.stage_steps": [2, 2]},
     "cpca": {"model_kwargs.channels": 8},

@@ -41,6 +41,7 @@ HU_LOW, HU_HIGH = -1024.0, 3072.0
 # The network output range each model's HU normalization must map [-1024, 3072] HU onto,
 # set by its last activation. A newly registered model must be added here.
 OUTPUT_RANGE = {"redcnn": (0.0, 1.0), "redcnn_wgan": (0.0, 1.0), "wgan_vgg": (0.0, 1.0), "pix2pix": (-1.0, 1.0),
+                "pix2pix_small": (-1.0, 1.0),
                 "cascade": (0.0, 1.0), "cpca": (0.0, 1.0)}
 # Models whose output layer is linear (input minus predicted noise): no activation bounds it.
 LINEAR_OUTPUT = {"cascade"}
@@ -90,6 +91,21 @@ def _rewrite_checkpoint(path: Path, *, edit_tensors=None, edit_header=None) -> N
 def test_registry_lists_the_three_papers():
     assert {"redcnn", "wgan_vgg", "pix2pix"} <= set(MODELS)
     assert len(MODELS) == len(set(MODELS))
+
+
+def test_named_variants_share_their_model_and_recipe_and_must_match_it():
+    variants = [n for n in list_models(None) if get_model_info(n).variant_of]
+    assert "pix2pix_small" in variants
+    for name in variants:
+        info, parent = get_model_info(name), get_model_info(get_model_info(name).variant_of)
+        assert (info.target, info.recipe, info.recipe_name) == (parent.target, parent.recipe, parent.name)
+        assert info.default_kwargs and resolve_kwargs(name) != resolve_kwargs(parent.name)
+    base = get_model_info("pix2pix")
+    for wrong in ({"variant_of": "no_such_model"}, {"variant_of": "pix2pix", "recipe": "supervised"},
+                  {"variant_of": "pix2pix", "target": "ldct_cli.models.redcnn:RedCNN"}):
+        with pytest.raises(ValueError, match="a variant of"):
+            register_model(dataclasses.replace(base, name="bad_variant", **wrong))
+    assert "bad_variant" not in list_models(None)
 
 
 def test_registry_kinds_keep_feature_extractors_out_of_the_generators():
@@ -267,8 +283,10 @@ def test_wgan_vgg_architecture():
 # --------------------------------------------------------------------------- Pix2Pix
 
 
-def test_pix2pix_architecture_defaults():
-    model = create_model("pix2pix")
+@pytest.mark.parametrize("name, n_params", [("pix2pix", 41_823_425), ("pix2pix_small", 10_458_721)])
+def test_pix2pix_architecture_defaults(name, n_params):
+    """``pix2pix`` is the paper's network (64-512); ``pix2pix_small`` the same at half width."""
+    model = create_model(name)
     n_dropout = model.ldct_kwargs["n_dropout"]
     assert len(model.down) == 7 and len(model.up) == 7
     assert model.size_multiple == 2 ** 7
@@ -291,9 +309,11 @@ def test_pix2pix_architecture_defaults():
     assert sum(any(isinstance(m, nn.Dropout) for m in b) for b in model.up) == n_dropout == 3
     assert isinstance(list(model.up[-1])[-1], nn.Tanh)
     assert list(model.up[-1])[-2].out_channels == 1
-    n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == 10_458_721
-    assert 4 * n_params <= 50e6  # float32 bytes: small enough to bundle
+    widths = [block[-1].num_features if isinstance(block[-1], nn.BatchNorm2d) else
+              [m for m in block if isinstance(m, nn.Conv2d)][0].out_channels for block in model.down]
+    assert widths == ([64, 128, 256, 512, 512, 512, 512] if name == "pix2pix" else
+                      [32, 64, 128, 256, 256, 256, 256])
+    assert sum(p.numel() for p in model.parameters()) == n_params
 
 
 @pytest.mark.parametrize("n_dropout", [0, 1, 3])
