@@ -23,6 +23,7 @@ RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder", "cascade")
 PIXEL_LOSSES = ("mse", "l1", "none")
 CRITICS = ("wgan", "simple_cnn")
 PERCEPTUAL = ("none", "auto", "vgg19", "vgg16", "ct")
+LOSS_UNITS = ("model", "hu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -53,6 +54,12 @@ class LossConfig:
     gradient_penalty: float = 10.0  # WGAN-GP's lambda
     n_critic: int = 4  # critic updates per generator update (WGAN-GP)
     critic: str = "wgan"  # WGAN-GP's critic: "wgan" (Yang et al.) or "simple_cnn" (seed 004)
+    # The unit the generator's pixel and WGAN terms (and their logged values) are measured
+    # in: "model", the network's normalized intensities, or "hu" (1 unit = 1 HU: MSE in HU²,
+    # L1 in HU, the critic's score as a 1-Lipschitz function of HU). A squared error and a
+    # 1-Lipschitz critic scale differently with the unit (by u² and u), so weights that
+    # balance them, like seed 004's 0.95 / 0.05, mean something only with their unit.
+    units: str = "model"
 
 
 @dataclass(frozen=True)
@@ -267,6 +274,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     loss, data, sched = config.loss, config.data, config.schedule
     if loss.pixel not in PIXEL_LOSSES:
         bad(f"loss.pixel {loss.pixel!r} is not one of {', '.join(PIXEL_LOSSES)}")
+    if loss.units not in LOSS_UNITS:
+        bad(f"loss.units {loss.units!r} is not one of {', '.join(LOSS_UNITS)}")
     if loss.perceptual not in PERCEPTUAL:
         bad(f"loss.perceptual {loss.perceptual!r} is not one of {', '.join(PERCEPTUAL)}")
     if config.precision not in PRECISIONS:

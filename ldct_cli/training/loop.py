@@ -525,10 +525,11 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             from torch.nn.parallel import DistributedDataParallel
 
             net = DistributedDataParallel(generator, device_ids=[device.index] if device.type == "cuda" else None)
-        parts = Parts(generator=net, opt_g=opt_g, critic=critic, opt_d=opt_d, perceptual=perceptual,
-                      autocast=autocast, scaler=scaler, world_size=dist_info.world_size)
-        step_fn = STEPS[config.recipe]
         hu_norm = generator.hu_norm
+        parts = Parts(generator=net, opt_g=opt_g, critic=critic, opt_d=opt_d, perceptual=perceptual,
+                      autocast=autocast, scaler=scaler, world_size=dist_info.world_size,
+                      loss_unit=hu_norm.scale_hu if config.loss.units == "hu" else 1.0)
+        step_fn = STEPS[config.recipe]
         sampler = PatchSampler(config.data.path, split="train", settings=settings, seed=config.seed,
                                start_step=step, rank=dist_info.rank, world_size=dist_info.world_size)
 

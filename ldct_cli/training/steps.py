@@ -34,6 +34,8 @@ class Parts:
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     world_size: int = 1
     step: int = 0  # the step being taken (set by the loop; the cascade's stage follows from it)
+    # The loss unit in model units (config.loss.units): 1, or the HU per model unit.
+    loss_unit: float = 1.0
 
 
 def average_gradients(module: nn.Module, world_size: int) -> None:
@@ -73,7 +75,9 @@ def content_loss(parts: Parts, config: TrainConfig, output: torch.Tensor,
     total = output.new_zeros((), dtype=torch.float32)
     terms: dict[str, torch.Tensor] = {}
     if loss_cfg.pixel != "none" and loss_cfg.pixel_weight > 0:
-        terms[loss_cfg.pixel] = pixel_loss(output.float(), target, loss_cfg.pixel)
+        # MSE scales with the square of the unit, L1 with the unit.
+        unit = parts.loss_unit ** (2 if loss_cfg.pixel == "mse" else 1)
+        terms[loss_cfg.pixel] = unit * pixel_loss(output.float(), target, loss_cfg.pixel)
         total = total + loss_cfg.pixel_weight * terms[loss_cfg.pixel]
     if parts.perceptual is not None and loss_cfg.perceptual_weight > 0:
         terms["perceptual"] = parts.perceptual(output, target).float()
@@ -140,7 +144,9 @@ def wgan_gp_step(parts: Parts, config: TrainConfig, low: torch.Tensor, full: tor
         with parts.autocast():
             output = parts.generator(low[n_critic])
             content, terms = content_loss(parts, config, output, full[n_critic])
-        adversarial = -critic(output.float()).mean()
+        # The critic is 1-Lipschitz in model units (its gradient penalty); times the unit it is
+        # 1-Lipschitz in that unit.
+        adversarial = -parts.loss_unit * critic(output.float()).mean()
         loss_g = config.loss.adversarial_weight * adversarial + content
         _update_generator(parts, loss_g)
     finally:

@@ -388,3 +388,49 @@ def test_vgg_with_several_layers_taps_each_before_its_relu(vgg19_file):
                                    verify_hash=False)) == sorted(_conv_keys([0, 2, 5]))
     with pytest.raises(UsageError, match="twice"):
         VggFeatures("vgg16", layer="conv1_2,conv1_2")
+
+
+# ---------------------------------------------------------------------------- loss units
+
+def _wgan_step_terms(units: str) -> dict[str, float]:
+    """One WGAN-GP step of a tiny generator and seed 004's critic, nothing updated (lr 0)."""
+    from ldct_cli.models.normalization import UNIT_RANGE
+    from ldct_cli.training.config import resolve_config
+    from ldct_cli.training.critics import SimpleCnnCritic
+    from ldct_cli.training.steps import Parts, wgan_gp_step
+
+    config = resolve_config(model="redcnn_wgan", overrides={"loss.units": units, "loss.n_critic": 1})
+    torch.manual_seed(0)
+    generator, critic = nn.Conv2d(1, 1, 3, padding=1), SimpleCnnCritic()
+    parts = Parts(generator=generator, opt_g=torch.optim.Adam(generator.parameters(), lr=0.0),
+                  critic=critic, opt_d=torch.optim.Adam(critic.parameters(), lr=0.0),
+                  loss_unit=UNIT_RANGE.scale_hu if units == "hu" else 1.0)
+    gen = torch.Generator().manual_seed(1)
+    low = 0.25 + 0.01 * torch.randn(2, 3, 1, 32, 32, generator=gen)
+    full = 0.25 + 0.002 * torch.randn(2, 3, 1, 32, 32, generator=gen)
+    torch.manual_seed(2)
+    terms = wgan_gp_step(parts, config, low, full)
+    with torch.no_grad():  # the same output and target, in HU
+        out_hu = UNIT_RANGE.to_hu(generator(low[1]).numpy())
+        terms["mse_direct_hu2"] = float(((out_hu - UNIT_RANGE.to_hu(full[1].numpy())) ** 2).mean())
+    return terms
+
+
+def test_loss_units_hu_measure_the_generator_terms_in_hu():
+    """units = "hu": MSE is the mean squared HU difference, the critic's score is counted per
+    HU (a 1-Lipschitz critic in model units is 4096 times steeper per model unit than per HU),
+    and the critic's own training is unchanged."""
+    model, hu = _wgan_step_terms("model"), _wgan_step_terms("hu")
+    assert hu["mse"] == pytest.approx(hu["mse_direct_hu2"], rel=1e-4)
+    assert hu["mse"] == pytest.approx(4096.0 ** 2 * model["mse"], rel=1e-4)
+    assert hu["adversarial"] == pytest.approx(4096.0 * model["adversarial"], rel=1e-4)
+    assert (hu["critic"], hu["gp"], hu["wasserstein"]) == pytest.approx(
+        (model["critic"], model["gp"], model["wasserstein"]), rel=1e-5)
+    assert hu["loss"] == pytest.approx(0.95 * hu["mse"] + 0.05 * hu["adversarial"], rel=1e-4)
+
+
+def test_loss_units_are_checked():
+    from ldct_cli.training.config import resolve_config
+
+    with pytest.raises(UsageError, match="loss.units 'kelvin' is not one of model, hu"):
+        resolve_config(model="redcnn", overrides={"loss.units": "kelvin"})
