@@ -298,6 +298,9 @@ def prepare(
         help="Simulate the low dose from --full at this fraction (e.g. 0.25), or at several "
              "(0.1,0.25,0.5: a low-dose file each, for variable-dose training; the first is the primary).")] = None,
     i0: Annotated[Optional[float], typer.Option(help="With --simulate-dose: photons per ray at full dose.")] = None,
+    realizations: Annotated[int, typer.Option(
+        help="With --simulate-dose: noise draws per dose, each a low-dose file of its own; training "
+             "draws among them, so the network sees more noise than one draw per slice.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the simulated noise and of the split.")] = 0,
     spacing: Annotated[Optional[float], typer.Option(help="Resample in-plane to this pixel spacing (mm).")] = None,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
@@ -327,6 +330,8 @@ def prepare(
       ldct prepare data/ --full abdomen/ --simulate-dose 0.25 --split-by block
 
       ldct prepare data/ --full abdomen/ --simulate-dose 0.1,0.25,0.5
+
+      ldct prepare data/ --full abdomen/ --simulate-dose 0.25 --realizations 3
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -343,6 +348,8 @@ def prepare(
         modes = [mayo is not None, low is not None, simulate_dose is not None]
         if sum(modes) != 1 or (low is not None and full is None) or (simulate_dose is not None and full is None):
             raise UsageError("choose one mode: --low DIR --full DIR, --mayo ROOT, or --full DIR --simulate-dose A")
+        if realizations != 1 and simulate_dose is None:
+            raise UsageError("--realizations needs --simulate-dose (real low-dose series have one noise draw)")
         simulator = simulation = None
         if mayo is not None:
             sources = prep.mayo_sources(mayo, low_pattern=low_pattern, full_pattern=full_pattern)
@@ -351,11 +358,11 @@ def prepare(
         else:
             from ldct_cli.simulate import build_simulator
 
-            doses = prep.parse_doses(simulate_dose)
+            doses = prep.with_realizations(prep.parse_doses(simulate_dose), realizations)
             built = [build_simulator(dose=dose, i0=i0, seed=prep.dose_seed(seed, i), device=device)
                      for i, dose in enumerate(doses)]
             simulator = [sim for sim, _ in built]
-            simulation = {**dict(built[0][1].settings), "doses": doses,
+            simulation = {**dict(built[0][1].settings), "doses": doses, "realizations": realizations,
                           "seeds": [prep.dose_seed(seed, i) for i in range(len(doses))]}
             sources = prep.simulated_sources(full)
         how = {"command": "ldct prepare", "low": str(low) if low else None, "full": str(full) if full else None,

@@ -160,6 +160,17 @@ def parse_doses(text: str) -> list[float]:
     return doses
 
 
+def with_realizations(doses: list[float], realizations: int) -> list[float]:
+    """``--realizations N``: each dose simulated N times with noise of its own, as more files.
+
+    The list repeats: every dose's first realization, then every dose's second... so the
+    primary (index 0) and the first file of each dose are what a single realization writes.
+    """
+    if realizations < 1:
+        raise UsageError(f"--realizations {realizations}: at least 1 (noise draws per dose)")
+    return [dose for _ in range(realizations) for dose in doses]
+
+
 def dose_seed(seed: int, index: int) -> int:
     """The noise seed of the ``index``-th simulated dose: independent noise per dose, while the
     primary dose keeps ``seed`` so a single-dose dataset is what it always was."""
@@ -402,11 +413,12 @@ def _doses_text(manifest: dict) -> str:
     doses = manifest.get("low_doses")
     if not doses:
         return "one real (not simulated) low dose"
-    return "doses " + ", ".join(f"{d:g}" for d in doses)
+    return "doses " + ", ".join(f"{d:g}" for d in dict.fromkeys(doses))
 
 
 def dose_index(manifest: dict, dose: float | None) -> int:
-    """The index of ``dose`` among the dataset's low-dose files; None means the primary (0)."""
+    """The index of ``dose`` among the dataset's low-dose files (its first realization);
+    None means the primary (0)."""
     if dose is None:
         return 0
     for index, known in enumerate(manifest.get("low_doses") or []):

@@ -20,15 +20,15 @@ PREPARE = ("--quiet", "--device", "cpu", "--split-by", "block", "--split", "0.5,
 SETTINGS = SamplerSettings(patch_size=32, batch_size=8)
 
 
-def _prepare(root: Path, doses: str) -> Path:
+def _prepare(root: Path, doses: str, *extra: str) -> Path:
     """A dataset simulated from ``root/fd`` at ``doses``, through the CLI in-process."""
     from typer.testing import CliRunner
 
     from ldct_cli.cli import app
 
-    dataset = root / f"data_{doses}"
+    dataset = root / f"data_{doses}{''.join(extra)}"
     result = CliRunner().invoke(app, ["prepare", str(dataset), "--full", str(root / "fd"),
-                                      "--simulate-dose", doses, *PREPARE])
+                                      "--simulate-dose", doses, *extra, *PREPARE])
     assert result.exit_code == 0, result.output
     return dataset
 
@@ -104,6 +104,43 @@ def test_single_dose_dataset_is_unchanged_and_is_the_first_file_of_a_list(root):
     # the second dose has noise of its own, not the first dose's noise scaled
     low, low_1 = open_case(pair, case)[0], open_case(pair, case, 1)[0]
     assert not np.array_equal(low, low_1)
+
+
+def test_realizations_add_noise_draws_of_each_dose_and_keep_the_first_files(root):
+    single = _prepare(root, "0.25", "--realizations", "1")
+    three = _prepare(root, "0.25", "--realizations", "3")
+    manifest = load_manifest(three)
+    assert manifest["low_doses"] == [0.25, 0.25, 0.25]
+    simulation = manifest["simulation"]
+    assert simulation["realizations"] == 3 and simulation["seeds"] == [0, 1000, 2000]
+    [case] = [c["id"] for c in manifest["cases"]]
+    folder = three / "cases" / case
+    assert sorted(p.name for p in folder.iterdir()) == ["full.npy", "low.npy", "low_1.npy", "low_2.npy"]
+    assert (folder / "low.npy").read_bytes() == (single / "cases" / case / "low.npy").read_bytes()
+    assert dose_index(manifest, 0.25) == 0  # --dose 0.25 scores the first draw
+    full = np.load(folder / "full.npy")
+    draws = [np.load(folder / name) for name in ("low.npy", "low_1.npy", "low_2.npy")]
+    sds = [_noise_sd(low, full) for low in draws]
+    assert max(sds) / min(sds) < 1.2  # the same dose...
+    noise = [(low.astype(float) - full)[full > -500] for low in draws]
+    for i in range(3):
+        for j in range(i + 1, 3):  # ...with independent noise
+            assert abs(np.corrcoef(noise[i], noise[j])[0, 1]) < 0.2
+    # several doses: every dose's first draw, then every dose's second
+    mixed = load_manifest(_prepare(root, "0.1,0.5", "--realizations", "2"))
+    assert mixed["low_doses"] == [0.1, 0.5, 0.1, 0.5] and dose_index(mixed, 0.5) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--simulate-dose", "0.25", "--realizations", "0"], "--realizations 0: at least 1"),
+    (["--low", "LOW", "--realizations", "2"], "--realizations needs --simulate-dose"),
+])
+def test_bad_realizations_are_usage_errors(tmp_path, cli, args, message):
+    write_series(tmp_path / "fd", SeriesSpec(n_slices=1, rows=32, columns=32))
+    args = [str(tmp_path / "fd") if a == "LOW" else a for a in args]
+    result = cli("prepare", tmp_path / "data", "--full", tmp_path / "fd", *args, "--quiet", "--device", "cpu")
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_paired_datasets_have_no_simulated_doses(tmp_path):
