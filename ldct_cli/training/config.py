@@ -115,6 +115,10 @@ class TrainConfig:
     vgg_weights: str = ""  # a torchvision-layout VGG file (or $LDCT_VGG_WEIGHTS)
     ct_weights: str = ""  # "" = the bundled weights/ct_features.safetensors
     init: str = ""  # warm start: a checkpoint of the same model whose weights the run starts from
+    # > 0: validation and the best/last checkpoints use an exponential moving average of the
+    # generator's weights, updated after every step with this decay (0.999: about the last
+    # 1000 steps); state.pt keeps the raw weights as well, to resume.
+    ema_decay: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -298,6 +302,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         get_window(config.window)
     except ValueError as exc:
         bad(f"window: {exc}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        bad(f"ema_decay {config.ema_decay:g}: 0 (off) or a decay in (0, 1), e.g. 0.999")
     for opt in (config.optimizer, config.critic_optimizer):
         if opt.lr <= 0 or opt.lr_final < 0 or opt.decay_steps < 0:
             bad("optimizer lr > 0, lr_final >= 0, decay_steps >= 0")

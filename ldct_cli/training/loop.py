@@ -332,6 +332,27 @@ def _score(test_hu: np.ndarray, ref_hu: np.ndarray, window) -> dict[str, float]:
             "rmse_hu": float(np.mean(rmse_hu(test_hu, ref_hu)))}
 
 
+class WeightAverage:
+    """An exponential moving average of a generator's weights (``config.ema_decay``).
+
+    Its decay warms up as min(decay, (1 + step) / (10 + step)), so the average follows the
+    first steps closely; buffers (BatchNorm statistics, a cascade's trained levels) are
+    copied, not averaged. A pure function of the steps taken: resume stays exact.
+    """
+
+    def __init__(self, generator: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(generator).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, generator: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for average, param in zip(self.module.parameters(), generator.parameters()):
+            average.lerp_(param.detach(), 1.0 - decay)
+        for average, buffer in zip(self.module.buffers(), generator.buffers()):
+            average.copy_(buffer)
+
+
 # ---------------------------------------------------------------- log and curves
 
 class RunFolder:
@@ -499,9 +520,12 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
         plateau = Plateau()
         folder = RunFolder(run_dir) if dist_info.main else None
         log = MetricsLog(run_dir / LOG_FILE, folder)
+        average = WeightAverage(generator, config.ema_decay) if config.ema_decay > 0 else None
         if resume:
             state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
             generator.load_state_dict(state["generator"])
+            if average is not None:
+                average.module.load_state_dict(state["ema"])
             opt_g.load_state_dict(state["opt_g"])
             if critic is not None:
                 critic.load_state_dict(state["critic"])
@@ -530,6 +554,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                       autocast=autocast, scaler=scaler, world_size=dist_info.world_size,
                       loss_unit=hu_norm.scale_hu if config.loss.units == "hu" else 1.0)
         step_fn = STEPS[config.recipe]
+        exported = average.module if average is not None else generator  # what validation scores and checkpoints hold
         sampler = PatchSampler(config.data.path, split="train", settings=settings, seed=config.seed,
                                start_step=step, rank=dist_info.rank, world_size=dist_info.world_size)
 
@@ -554,6 +579,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                         "world_size": dist_info.world_size, "precision": precision,
                         "validation": val, "input_validation": input_metrics, "best": best}
             state = {"step": step, "generator": generator.state_dict(), "opt_g": opt_g.state_dict(),
+                     "ema": average.module.state_dict() if average is not None else None,
                      "critic": critic.state_dict() if critic is not None else None,
                      "opt_d": opt_d.state_dict() if opt_d is not None else None,
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -562,9 +588,9 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                      "config": config.to_dict()}
             with atomic_path(run_dir / STATE_FILE) as tmp:
                 torch.save(state, tmp)
-            save_checkpoint(generator, run_dir / LAST, training=training, config=config.to_dict())
+            save_checkpoint(exported, run_dir / LAST, training=training, config=config.to_dict())
             if kind_best:
-                save_checkpoint(generator, run_dir / BEST, training=training, config=config.to_dict())
+                save_checkpoint(exported, run_dir / BEST, training=training, config=config.to_dict())
 
         max_steps = config.schedule.max_steps
         if progress is not None and dist_info.main:
@@ -602,6 +628,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                     _set_lr(opt_d, config.critic_optimizer, step, plateau.lr_scale)
                     parts.step = step
                     losses = step_fn(parts, config, low, full)
+                    if average is not None:
+                        average.update(generator, step)
                     step += 1
                     rate_steps += 1
                     losses_seen.append(losses)
@@ -623,7 +651,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                     validating = step % config.schedule.val_every == 0 or step == max_steps
                     if validating:
                         if dist_info.main:
-                            val = _validate(generator, val_slices, device=device, precision=precision,
+                            val = _validate(exported, val_slices, device=device, precision=precision,
                                             window=window)
                             is_best = best is None or val["psnr"] > best["psnr"]
                             if is_best:

@@ -128,6 +128,32 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(name, dataset, ct_wei
     assert steps(tmp_path / "b") == steps(tmp_path / "a")
 
 
+def test_ema_checkpoints_hold_the_moving_average_and_resume_exactly(dataset, ct_weights, tmp_path):
+    """ema_decay: best/last hold the average, state.pt the raw weights; after one step the
+    average is 0.1 * initial + 0.9 * trained (the warm-up decay 1/10 at step 0)."""
+    from safetensors.torch import load_file
+
+    settings = {"ema_decay": 0.999, "schedule.checkpoint_every": 1, "schedule.val_every": 100}
+    one = train(_config("redcnn", dataset, ct_weights, **settings, **{"schedule.max_steps": 1}), tmp_path / "one")
+    torch.manual_seed(0)  # the loop's seed before it builds the generator
+    initial = create_model("redcnn", channels=8).state_dict()
+    trained = torch.load(tmp_path / "one" / "state.pt", weights_only=True)["generator"]
+    saved = load_file(str(tmp_path / "one" / "last.safetensors"))
+    for name, value in trained.items():
+        expected = 0.1 * initial[name] + 0.9 * value
+        torch.testing.assert_close(saved[name], expected, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(saved[name], value), name
+    assert one.step == 1
+
+    whole = train(_config("redcnn", dataset, ct_weights, **settings, **{"schedule.max_steps": 4}), tmp_path / "a")
+    train(_config("redcnn", dataset, ct_weights, **settings, **{"schedule.max_steps": 2}), tmp_path / "b")
+    train(resolve_config(model=None, config_file=tmp_path / "b" / "config.json",
+                         overrides={"schedule.max_steps": 4}), tmp_path / "b", resume=True)
+    a, b = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.step == 4
+
+
 def test_resume_drops_log_records_after_the_saved_step(dataset, ct_weights, tmp_path):
     config = _config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 3, "schedule.checkpoint_every": 2,
                                                        "schedule.val_every": 100})

@@ -102,6 +102,8 @@ def test_a_run_config_json_reproduces_the_config(tmp_path):
     ("[loss]\npixel = 'none'\n", "needs a pixel or a perceptual loss term"),
     ("this is = not toml [\n", "cannot read config"),
     ("window = 'liver'\n", "window: unknown window 'liver'"),
+    ("ema_decay = 1.0\n", "ema_decay 1: 0 (off) or a decay in (0, 1)"),
+    ("[loss]\nunits = 'kelvin'\n", "loss.units 'kelvin' is not one of model, hu"),
 ])
 def test_bad_config_files_are_refused_with_the_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"

@@ -427,10 +427,3 @@ def test_loss_units_hu_measure_the_generator_terms_in_hu():
     assert (hu["critic"], hu["gp"], hu["wasserstein"]) == pytest.approx(
         (model["critic"], model["gp"], model["wasserstein"]), rel=1e-5)
     assert hu["loss"] == pytest.approx(0.95 * hu["mse"] + 0.05 * hu["adversarial"], rel=1e-4)
-
-
-def test_loss_units_are_checked():
-    from ldct_cli.training.config import resolve_config
-
-    with pytest.raises(UsageError, match="loss.units 'kelvin' is not one of model, hu"):
-        resolve_config(model="redcnn", overrides={"loss.units": "kelvin"})
