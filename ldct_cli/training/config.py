@@ -280,6 +280,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad(f"loss.pixel {loss.pixel!r} is not one of {', '.join(PIXEL_LOSSES)}")
     if loss.units not in LOSS_UNITS:
         bad(f"loss.units {loss.units!r} is not one of {', '.join(LOSS_UNITS)}")
+    if loss.units == "hu" and config.recipe == "pix2pix":
+        bad("loss.units 'hu' is for a pixel loss weighed against a WGAN critic; pix2pix's cGAN loss "
+            "has no intensity unit, so it would only scale the L1 term (change loss.pixel_weight instead)")
     if loss.perceptual not in PERCEPTUAL:
         bad(f"loss.perceptual {loss.perceptual!r} is not one of {', '.join(PERCEPTUAL)}")
     if config.precision not in PRECISIONS:

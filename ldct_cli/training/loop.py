@@ -378,8 +378,8 @@ class RunFolder:
     def check(self) -> None:
         if self._stat() != self._identity:
             raise LdctError(f"{self.path}: the run folder was moved, removed or replaced while "
-                            "training; stopped without writing into it (the moved folder holds "
-                            "this run's last save)")
+                            "training; stopped without writing into it (if it was moved, the moved "
+                            "folder holds this run's last save)")
 
 
 class MetricsLog:

@@ -88,6 +88,12 @@ def test_a_run_config_json_reproduces_the_config(tmp_path):
     assert isinstance(resolve_config(model=None, config_file=path).optimizer.betas, tuple)
 
 
+def test_loss_units_hu_is_refused_for_pix2pix():
+    with pytest.raises(UsageError, match="pix2pix's cGAN loss has no intensity unit"):
+        resolve_config(model="pix2pix", overrides={"loss.units": "hu"})
+    assert resolve_config(model="redcnn_wgan").loss.units == "hu"
+
+
 @pytest.mark.parametrize("text, message", [
     ("[loss]\npixle = 'mse'\n", "unknown key(s) pixle in [loss]"),
     ("batchsize = 3\n", "unknown key(s) batchsize in the top level"),
