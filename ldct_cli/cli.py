@@ -409,6 +409,9 @@ def evaluate(
     dose: Annotated[Optional[float], typer.Option(
         help="With --data: which simulated dose of a variable-dose dataset to score "
              "(default: its first, primary dose).")] = None,
+    every: Annotated[int, typer.Option(
+        help="With --data: score every N-th slice of the split only (a quicker look at a long "
+             "split, e.g. --split train --every 10).")] = 1,
     model: Annotated[Optional[list[str]], typer.Option(
         help="With --data: bundled model(s) or classical filter(s) (nlm, tv) to run.")] = None,
     weights: Annotated[Optional[list[Path]], typer.Option(help="With --data: checkpoint(s) to run.")] = None,
@@ -468,10 +471,12 @@ def evaluate(
                 if label in denoisers:  # two runs of one folder name: the whole path tells them apart
                     label = f"{derivation.setting('model')} ({path})"
                 denoisers[label] = built
-            tests, references = ev.dataset_inputs(data, split, denoisers, dose=dose)
+            tests, references = ev.dataset_inputs(data, split, denoisers, dose=dose, every=every)
         else:
             if dose is not None:
                 raise UsageError("--dose picks a dose of a variable-dose --data DATASET; give --data")
+            if every != 1:
+                raise UsageError("--every picks slices of a --data DATASET's split; give --data")
             if not test_dirs:
                 raise UsageError("give TEST_DIRs (with --reference or not), or --data DATASET")
             if label and len(label) != len(test_dirs):

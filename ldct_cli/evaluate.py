@@ -55,6 +55,10 @@ class InputSeries:
     def folder(self) -> str:
         return str(self.series.folder)
 
+    def slice_number(self, index: int) -> int:
+        """The number the reports give slice ``index``: its place in the series."""
+        return index
+
     def read_hu(self, indices: list[int]) -> np.ndarray:
         """(n, H, W) float32 HU of the given slices."""
         images = []
@@ -77,28 +81,35 @@ class ArraySeries:
     frame_uid: str = ""
     series_uid: str = ""
     source_series_uid: str = ""
+    numbers: np.ndarray | None = None  # each slice's place in its split (None: 0, 1, 2...)
 
     @property
     def n_slices(self) -> int:
         return len(self.z_mm)
+
+    def slice_number(self, index: int) -> int:
+        return index if self.numbers is None else int(self.numbers[index])
 
     def read_hu(self, indices: list[int]) -> np.ndarray:
         return self.reader(indices)
 
 
 def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
-                   dose: float | None = None) -> tuple[list, list]:
+                   dose: float | None = None, every: int = 1) -> tuple[list, list]:
     """Test series (the low-dose input, then each model's output on it) and references
     (the full dose) for every case in a ``prepare`` dataset's split.
 
     ``dose`` picks one of a multi-dose dataset's simulated doses; None is the primary dose
-    (low.npy), the one every dataset has.
+    (low.npy), the one every dataset has. ``every`` scores every n-th slice of each of the
+    split's blocks, from its first (a quick look at a long split).
     """
     from ldct_cli.prepare import dose_files, dose_index, load_manifest, open_case
 
     manifest = load_manifest(dataset)
     if split not in manifest["split"]:
         raise UsageError(f"--split {split!r}: the dataset has {', '.join(manifest['split'])}")
+    if every < 1:
+        raise UsageError(f"--every {every}: give 1 (every slice) or more")
     index = dose_index(manifest, dose)
     low_name = Path(dose_files(manifest)[index]).stem  # low, low_1...
     cases = {c["id"]: c for c in manifest["cases"]}
@@ -106,11 +117,12 @@ def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
     for part in manifest["split"][split]:
         case = cases[part["case"]]
         low, full = open_case(dataset, case["id"], index)
-        rows = np.arange(part["start"], part["stop"])
+        rows = np.arange(part["start"], part["stop"])[::every]
         z = np.array(case["z_mm"])[rows] if case["z_mm"] else rows.astype(float)
+        numbers = rows - part["start"]  # reports number the slices within the split's block
         frame = f"{dataset}:{case['id']}"  # one frame of reference per case
         common = dict(z_mm=z, pixel_mm=float(case["pixel_mm"]), shape=(case["rows"], case["columns"]),
-                      frame_uid=frame)
+                      frame_uid=frame, numbers=numbers)
         tag = f" {case['id']}" if len(manifest["split"][split]) > 1 else ""
         references.append(ArraySeries(label=f"full dose{tag}", folder=f"{dataset}/{case['id']}/full",
                                       reader=lambda idx, a=full, r=rows: a[r[idx]].astype(np.float32),
@@ -272,7 +284,7 @@ def score_series(test: InputSeries, against: InputSeries | None, settings: Setti
     for chunk in _chunks(pairs):
         test_hu = test.read_hu([i for i, _ in chunk])
         other_hu = against.read_hu([j for _, j in chunk]) if against is not None else None
-        rows = [{"slice": i, "z_mm": round(float(test.z_mm[i]), 3)} for i, _ in chunk]
+        rows = [{"slice": test.slice_number(i), "z_mm": round(float(test.z_mm[i]), 3)} for i, _ in chunk]
         base_hu = other_hu if other_hu is not None else test_hu  # where ROIs are found
         body = metrics.body_mask(base_hu)
         if with_reference:

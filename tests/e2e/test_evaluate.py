@@ -126,6 +126,24 @@ def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkp
     assert len(rows) == 3 and len(set(rows)) == 3 and str(twin) in rows[2]
 
 
+def test_dataset_mode_every_nth_slice(study, cli, tmp_path):
+    assert cli("prepare", tmp_path / "data", "--low", study["low"], "--full", study["full"], "--quiet",
+               "--split-by", "block", "--split", "1,0,0", "--gap", "0").exit_code == 0
+    def scored(*extra):
+        report = json.loads(_run(cli, "--data", tmp_path / "data", "--split", "train", "--model", "nlm",
+                                 "--json", "--device", "cpu", "--roi-size", "8", *extra).stdout)
+        return {s["label"]: s["per_slice"] for s in report["series"]}
+    every, each = scored("--every", "3"), scored()
+    assert len(each["low dose"]) == 4 and len(every["low dose"]) == 2
+    for label in ("low dose", "nlm"):
+        # slices 0 and 3 of the split, so numbered, with the very scores the whole split gives them
+        assert every[label] == [each[label][0], each[label][3]], label
+    zero = cli("evaluate", "--data", tmp_path / "data", "--split", "train", "--every", "0")
+    without_data = cli("evaluate", "--reference", study["full"], study["low"], "--every", "2")
+    for result in (zero, without_data):
+        assert result.exit_code == 2 and "--every" in result.output
+
+
 def test_roi_file_gives_fixed_rois_and_cnr(study, cli, tmp_path):
     from ldct_cli.phantom import PhantomSpec, structure_masks
 
