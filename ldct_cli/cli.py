@@ -729,8 +729,12 @@ def _bundled_lines(row: dict) -> list[str]:
     training, data = entry.get("training", {}), entry.get("data", {})
     series = "; ".join(f"{s['folder']} ({s.get('scanner', '?')}; {s.get('source', '?')}, {s.get('licence', '?')})"
                        for s in data.get("series", [])) or "?"
-    dose = (f", simulated dose {data['simulated_dose']:g} (I0 {data['i0']:g})"
-            if data.get("simulated_dose") and data.get("i0") else "")
+    dose = ""
+    if data.get("simulated_dose") and data.get("i0"):
+        doses = data.get("simulated_doses") or [data["simulated_dose"]]
+        dose = (f", simulated dose {doses[0]:g} (I0 {data['i0']:g})" if len(doses) == 1 else
+                ", simulated doses " + ", ".join(f"{d:g}" for d in doses)
+                + f" (I0 {data['i0']:g}; validated at {doses[0]:g})")
     size = f" ({entry['bytes'] / 1e6:.1f} MB)" if "bytes" in entry else ""
     lines = [f"bundled weights: {entry['file']}{size}, {training.get('steps', '?')} steps, "
              f"{training.get('minutes', '?')} min on {training.get('hardware', '?')}",

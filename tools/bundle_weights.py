@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             "series": [{"folder": f"ct/{full}", **SERIES.get(full, {})}],
             "dataset_split": data["split"],
             "simulated_dose": float(simulation["dose"]) if simulation else None,
+            # every dose trained on, the primary (validation's) first; one for most datasets
+            "simulated_doses": [float(d) for d in data.get("low_doses") or [simulation["dose"]]]
+            if simulation else None,
             "i0": float(simulation["i0"]) if simulation else None,
             "simulation": simulation,
         },

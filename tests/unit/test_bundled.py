@@ -134,6 +134,17 @@ def test_models_lists_bundled_weights_with_training_data(weights, cli):
     assert "redcnn.safetensors" in text and "trained on: synthetic" in text
 
 
+def test_models_names_every_simulated_dose_trained_on(weights, cli):
+    entry = bundled.read_manifest(weights)["redcnn"].record
+    lines = {}
+    for doses in ([0.25], [0.25, 0.1, 0.5]):
+        entry["data"].update(simulated_dose=doses[0], simulated_doses=doses, i0=48000.0)
+        bundled.write_manifest({"redcnn": entry}, weights)
+        lines[len(doses)] = " ".join(cli("models").stdout.split())  # as one line, however wrapped
+    assert "), simulated dose 0.25 (I0 48000) " in lines[1]
+    assert "), simulated doses 0.25, 0.1, 0.5 (I0 48000; validated at 0.25) " in lines[3]
+
+
 def test_weights_that_miss_the_bar_are_flagged_as_a_preview(weights, tmp_path, cli):
     from tests.synth import SeriesSpec, write_series
 
