@@ -129,6 +129,7 @@ def test_dataset_mode_runs_models_on_the_test_split(study, cli, tmp_path, checkp
 def test_dataset_mode_every_nth_slice(study, cli, tmp_path):
     assert cli("prepare", tmp_path / "data", "--low", study["low"], "--full", study["full"], "--quiet",
                "--split-by", "block", "--split", "1,0,0", "--gap", "0").exit_code == 0
+
     def scored(*extra):
         report = json.loads(_run(cli, "--data", tmp_path / "data", "--split", "train", "--model", "nlm",
                                  "--json", "--device", "cpu", "--roi-size", "8", *extra).stdout)
