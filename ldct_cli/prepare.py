@@ -408,12 +408,18 @@ def dose_files(manifest: dict) -> list[str]:
     return low_file_names(len(manifest.get("low_doses") or [None]))
 
 
+def simulated_doses(manifest: dict) -> list[float]:
+    """The distinct doses a dataset was simulated at, the primary first (each once, however
+    many realizations); [] for a real low dose or a dataset older than multi-dose."""
+    return [float(d) for d in dict.fromkeys(manifest.get("low_doses") or [])]
+
+
 def _doses_text(manifest: dict) -> str:
     """The doses a dataset holds, for error messages."""
-    doses = manifest.get("low_doses")
+    doses = simulated_doses(manifest)
     if not doses:
         return "one real (not simulated) low dose"
-    return "doses " + ", ".join(f"{d:g}" for d in dict.fromkeys(doses))
+    return "doses " + ", ".join(f"{d:g}" for d in doses)
 
 
 def dose_index(manifest: dict, dose: float | None) -> int:

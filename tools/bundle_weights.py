@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from ldct_cli.prepare import load_manifest
+    from ldct_cli.prepare import load_manifest, simulated_doses
 
     info = get_model_info(args.name)
     source = read_checkpoint_info(args.checkpoint if args.checkpoint.is_file()
@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataset_split": data["split"],
             "simulated_dose": float(simulation["dose"]) if simulation else None,
             # every dose trained on, the primary (validation's) first; one for most datasets
-            "simulated_doses": [float(d) for d in data.get("low_doses") or [simulation["dose"]]]
-            if simulation else None,
+            "simulated_doses": (simulated_doses(data) or [float(simulation["dose"])]) if simulation else None,
             "i0": float(simulation["i0"]) if simulation else None,
             "simulation": simulation,
         },

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldct_cli.errors import UsageError
-from ldct_cli.prepare import dose_files, dose_index, load_manifest, open_case
+from ldct_cli.prepare import dose_files, dose_index, load_manifest, open_case, simulated_doses
 from ldct_cli.training.data import PatchSampler, SamplerSettings, validation_slices
 from tests.synth import SeriesSpec, write_series
 
@@ -129,6 +129,9 @@ def test_realizations_add_noise_draws_of_each_dose_and_keep_the_first_files(root
     # several doses: every dose's first draw, then every dose's second
     mixed = load_manifest(_prepare(root, "0.1,0.5", "--realizations", "2"))
     assert mixed["low_doses"] == [0.1, 0.5, 0.1, 0.5] and dose_index(mixed, 0.5) == 1
+    # what a model trained on them saw: each dose once, the primary first
+    assert simulated_doses(mixed) == [0.1, 0.5] and simulated_doses(manifest) == [0.25]
+    assert simulated_doses(load_manifest(single)) == [0.25]
 
 
 @pytest.mark.parametrize("args, message", [
