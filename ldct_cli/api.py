@@ -32,7 +32,8 @@ def resolve_weights(*, model: str | None, weights: Path | str | None) -> Path:
 
 def build_classical(model: str, *, strength: float | None = None,
                     options: DenoiseOptions = DenoiseOptions()):
-    """A weight-free filter (``kind == "classical"``) and its Derivation; ``strength`` in HU."""
+    """A weight-free filter (``kind == "classical"``) and its Derivation; ``strength`` in HU
+    (None: automatic, from each series' measured noise)."""
     from ldct_cli.models.registry import create_model
 
     denoiser = create_model(model, **({} if strength is None else {"strength_hu": float(strength)}))

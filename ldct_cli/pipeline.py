@@ -72,6 +72,8 @@ class SeriesResult:
     seconds: float = 0.0
     error: str | None = None
     clipped_pixels: int = 0
+    measured: dict | None = None  # what was measured of this series and set from it (scan-matched
+    # simulation, an automatic filter strength)
 
 
 @dataclass
@@ -220,9 +222,14 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
     start = time.perf_counter()
     progress.series_started(series, final)
     try:
+        adapt = getattr(denoiser, "adapt_to_series", None)
+        if adapt is not None and options.blend < 1.0:  # fit the model to this series (its noise)
+            denoiser, derivation = adapt(series, derivation)
         with staged_folder(final, overwrite=options.overwrite) as staging:
             result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
                                             options=options, executor=executor, progress=progress)
+        details = getattr(denoiser, "series_details", None)
+        result.measured = details() if details is not None else None
     except Exception as exc:  # one bad series never stops the others
         result.status, result.output = "failed", None
         if isinstance(exc, LdctError):

@@ -93,6 +93,7 @@ class CaseRecord:
     low_series_uid: str | None
     full_source: str
     low_source: str | None
+    simulation: list[dict] | None = None  # scan-matched: per dose, what was measured and chosen
 
 
 class PrepareError(LdctError):
@@ -359,6 +360,8 @@ def _write_case(folder: Path, case: CaseSource, *, simulators: list, spacing_mm:
 
     full_out = open_out("full.npy")
     low_outs = [open_out(name) for name in low_file_names(1 if case.low is not None else len(simulators))]
+    if case.low is None:  # scan-matched simulators fit this case's noise first
+        simulators = [s.fitted_to(full) if hasattr(s, "fitted_to") else s for s in simulators]
     for k, (i, j) in enumerate(pairs):
         image_full, header = slice_hu(full.slices[i].path)
         if case.low is not None:
@@ -382,7 +385,16 @@ def _write_case(folder: Path, case: CaseSource, *, simulators: list, spacing_mm:
         pixel_mm=spacing_mm or pixel_mm, slice_mm=slice_mm, z_mm=[round(v, 4) for v in z],
         full_series_uid=full.series_uid, low_series_uid=case.low.series_uid if case.low else None,
         full_source=str(full.folder), low_source=str(case.low.folder) if case.low else None,
+        simulation=_simulation_details(simulators) if case.low is None else None,
     )
+
+
+def _simulation_details(simulators: list) -> list[dict] | None:
+    """What each scan-matched simulator measured and chose for a case (per-slice I0 of the primary only)."""
+    details = [s.series_details() for s in simulators if hasattr(s, "series_details")]
+    for d in details[1:]:
+        d.pop("i0_per_slice", None)
+    return details or None
 
 
 def load_manifest(dataset: Path | str) -> dict:

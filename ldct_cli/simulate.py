@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ldct_cli.dicom.write import Derivation
 from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.pipeline import DenoiseOptions, RunSummary, now_for_dicom, run_denoise
@@ -19,29 +21,113 @@ def dose_label(dose: float) -> str:
     return f"dose{dose * 100:g}".replace(".", "p")
 
 
-def simulation_derivation(*, dose: float, i0: float, electronic_noise: float, seed: int,
-                          n_views: int, options: DenoiseOptions) -> Derivation:
-    """The derivation written into simulated series (no CID 7203 code fits noise insertion)."""
+MATCHED = "matched"  # the i0 setting of scan-matched photon counts
+FITTED = "fitted"  # the recon_filter setting of a texture fitted per series
+
+
+def simulation_derivation(*, dose: float, i0: float | None, electronic_noise: float, seed: int,
+                          n_views: int, options: DenoiseOptions, recon_filter: str | None = "hann") -> Derivation:
+    """The derivation written into simulated series (no CID 7203 code fits noise insertion).
+
+    ``i0`` None: scan-matched per slice; ``recon_filter`` None: fitted per series (the
+    series' own values are appended by ``ScanMatched.adapt_to_series``).
+    """
     from ldct_cli._version import __version__
 
     date, time = now_for_dicom()
+    counts = ("I0 per slice matched to the slice's measured full-dose noise" if i0 is None
+              else f"I0 {i0:.3g} photons/ray at full dose")
+    window = "FBP window fitted to the series' noise texture" if recon_filter is None else f"{recon_filter} FBP"
     description = (f"Simulated {dose * 100:g}% dose by ldct-cli {__version__}: projection-domain "
-                   f"noise insertion, I0 {i0:.3g} photons/ray at full dose, electronic noise "
-                   f"sigma {electronic_noise:g} counts, parallel beam {n_views} views, Hann FBP, "
-                   f"seed {seed}")
-    settings = (("kind", "simulate"), ("dose", repr(float(dose))), ("i0", repr(float(i0))),
+                   f"noise insertion, {counts}, electronic noise sigma {electronic_noise:g} counts, "
+                   f"parallel beam {n_views} views, {window}, seed {seed}")
+    settings = (("kind", "simulate"), ("dose", repr(float(dose))),
+                ("i0", MATCHED if i0 is None else repr(float(i0))),
                 ("electronic_noise", repr(float(electronic_noise))), ("seed", str(seed)),
-                ("n_views", str(n_views)))
+                ("n_views", str(n_views)), ("recon_filter", FITTED if recon_filter is None else recon_filter))
     return Derivation(label=dose_label(dose), description=description, settings=settings, code=None,
                       transfer_syntax=options.transfer_syntax,
                       series_number_offset=options.series_number_offset,
                       processed_date=date, processed_time=time)
 
 
+class ScanMatched:
+    """A ``LowDoseSimulator`` for the pipeline that fits each series before simulating it.
+
+    ``adapt_to_series`` reads up to 12 of the series' slices, fits the texture
+    (``LowDoseSimulator.for_series``) and appends what it found to the Derivation
+    Description; ``series_details`` is what the JSON summary reports per series.
+    """
+
+    context_slices = 1
+
+    def __init__(self, simulator):
+        self.simulator = simulator
+        self.batch_size = simulator.batch_size
+
+    def __call__(self, stack_hu, *, pixel_mm=None):
+        return self.simulator(stack_hu, pixel_mm=pixel_mm)
+
+    def fitted_to(self, series) -> "ScanMatched":
+        """A copy fitted to ``series`` (a discovered Series), from up to 12 of its slices."""
+        from ldct_cli.dicom.read import load_slice, rescale_of, stored_to_hu
+        from ldct_cli.physics.noise import sample_indices
+
+        sample = []
+        for index in sample_indices(series.n_slices):
+            header, stored = load_slice(series.slices[index].path)
+            sample.append(stored_to_hu(stored, *rescale_of(header)))
+        return ScanMatched(self.simulator.for_series(sample))
+
+    def adapt_to_series(self, series, derivation: Derivation):
+        import dataclasses
+
+        fitted = self.fitted_to(series)
+        return fitted, dataclasses.replace(derivation, description=f"{derivation.description}; {fitted.describe()}")
+
+    @property
+    def dose(self) -> float:
+        return self.simulator.dose
+
+    def describe(self) -> str:
+        sim = self.simulator
+        parts = []
+        if sim.texture is not None:
+            parts.append(f"fitted window {sim.texture.recon_filter} (noise sharpness {sim.texture.sharpness:.3f})")
+        if sim.i0 is None and sim.series_level_hu is not None:
+            parts.append(f"measured full-dose noise level {sim.series_level_hu:.1f} HU (5x5 local-SD mode)")
+        return ", ".join(parts) or "nothing measurable: Hann window, reference I0"
+
+    def series_details(self) -> dict:
+        sim = self.simulator
+        i0s = [m["i0"] for m in sim.matches]
+        return {
+            "i0": "matched" if sim.i0 is None else sim.i0,
+            "recon_filter": sim.recon_filter,
+            "texture": None if sim.texture is None else dataclasses_asdict(sim.texture),
+            "noise_level_hu": sim.series_level_hu,
+            "i0_per_slice": i0s,
+            "i0_median": float(np.median(i0s)) if i0s else None,
+            "slices_without_own_estimate": sum(1 for m in sim.matches if m.get("own") is False),
+        }
+
+
+def dataclasses_asdict(value) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(value)
+
+
 def build_simulator(*, dose: float, i0: float | None = None, electronic_noise: float = 0.0,
                     seed: int = 0, n_views: int = 720, device: str = "auto", batch_size: int = 4,
-                    options: DenoiseOptions = DenoiseOptions()):
-    """Return ``(LowDoseSimulator, Derivation)`` for the pipeline; options checked first."""
+                    options: DenoiseOptions = DenoiseOptions(), recon_filter: str | None = None):
+    """Return ``(simulator, Derivation)`` for the pipeline; options checked first.
+
+    Scan-matched by default: ``i0`` None sets each slice's photon count from its own
+    measured noise, ``recon_filter`` None fits the window to each series' texture
+    (``physics.noise``). Give either to fix it. The simulator is a ``ScanMatched``
+    wrapper whenever something is matched.
+    """
     if not 0.0 < dose < 1.0:
         raise UsageError(f"--dose {dose}: must be a fraction of the full dose, between 0 and 1 (e.g. 0.25)")
     if electronic_noise < 0:
@@ -51,25 +137,36 @@ def build_simulator(*, dose: float, i0: float | None = None, electronic_noise: f
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     from ldct_cli.inference import resolve_device
-    from ldct_cli.physics.lowdose import DEFAULT_I0, LowDoseSimulator
+    from ldct_cli.physics.lowdose import LowDoseSimulator
+    from ldct_cli.physics.projector import check_filter
 
-    i0 = DEFAULT_I0 if i0 is None else i0
-    if i0 <= 0:
+    if i0 is not None and not i0 > 0:
         raise UsageError("--i0 must be positive")
+    if recon_filter is not None:
+        try:
+            check_filter(recon_filter)
+        except ValueError as exc:
+            raise UsageError(f"--filter: {exc}") from None
     simulator = LowDoseSimulator(dose=dose, i0=i0, electronic_noise=electronic_noise, seed=seed,
-                                 n_views=n_views, device=resolve_device(device), batch_size=batch_size)
+                                 n_views=n_views, device=resolve_device(device), batch_size=batch_size,
+                                 recon_filter=recon_filter)
+    if simulator.scan_matched:
+        simulator = ScanMatched(simulator)
     return simulator, simulation_derivation(dose=dose, i0=i0, electronic_noise=electronic_noise,
-                                            seed=seed, n_views=n_views, options=options)
+                                            seed=seed, n_views=n_views, options=options,
+                                            recon_filter=recon_filter)
 
 
 def simulate(input_path: Path | str, output_dir: Path | str, *, dose: float,
              i0: float | None = None, electronic_noise: float = 0.0, seed: int = 0,
              n_views: int = 720, device: str = "auto", batch_size: int = 4,
-             options: DenoiseOptions = DenoiseOptions()) -> RunSummary:
-    """Write a simulated ``dose`` series for every CT series under ``input_path``."""
+             options: DenoiseOptions = DenoiseOptions(), recon_filter: str | None = None) -> RunSummary:
+    """Write a simulated ``dose`` series for every CT series under ``input_path`` (scan-matched
+    unless ``i0`` and ``recon_filter`` are given)."""
     simulator, derivation = build_simulator(dose=dose, i0=i0, electronic_noise=electronic_noise,
                                             seed=seed, n_views=n_views, device=device,
-                                            batch_size=batch_size, options=options)
+                                            batch_size=batch_size, options=options,
+                                            recon_filter=recon_filter)
     return run_denoise(Path(input_path), Path(output_dir), denoiser=simulator, derivation=derivation,
                        options=options)
 
@@ -113,7 +210,9 @@ def make_phantom(output_dir: Path | str, *, n_slices: int = 32, size: int = 512,
     low = None
     if dose is not None:
         low_root = output_dir / dose_label(dose)
-        summary = simulate(full, low_root, dose=dose, i0=i0, seed=seed, device=device, options=options)
+        # The phantom's full dose was made at i0 with the Hann window: its partner too.
+        summary = simulate(full, low_root, dose=dose, i0=i0, seed=seed, device=device, options=options,
+                           recon_filter="hann")
         if summary.exit_code != 0:
             # the full-dose series exists: a failure here is not a usage error (exit 1)
             raise LdctError(f"{low_root}: simulation failed: "

@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             "simulated_dose": float(simulation["dose"]) if simulation else None,
             # every dose trained on, the primary (validation's) first; one for most datasets
             "simulated_doses": (simulated_doses(data) or [float(simulation["dose"])]) if simulation else None,
-            "i0": float(simulation["i0"]) if simulation else None,
+            # a number, or "matched" (scan-matched per slice: the cases' records hold the values)
+            "i0": (simulation["i0"] if simulation["i0"] == "matched" else float(simulation["i0"]))
+            if simulation else None,
             "simulation": simulation,
         },
         "held_out": [],

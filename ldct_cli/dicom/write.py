@@ -90,12 +90,12 @@ class Derivation:
         return cls(label=model, description=description, settings=settings, **common)
 
     @classmethod
-    def filtering(cls, *, model: str, description: str, strength_hu: float, blend: float = 0.0,
+    def filtering(cls, *, model: str, description: str, strength_hu: float | None, blend: float = 0.0,
                   **common) -> "Derivation":
         """A classical filter's derivation: no weights, its parameter instead."""
         text = (f"Denoised by ldct-cli {common.get('tool_version', __version__)}: {description}, "
                 f"blend {blend:g} of the input")
-        settings = (("kind", "denoise"), ("model", model), ("strength_hu", repr(float(strength_hu))),
+        settings = (("kind", "denoise"), ("model", model), ("strength_hu", "auto" if strength_hu is None else repr(float(strength_hu))),
                     ("blend", repr(float(blend))))
         return cls(label=model, description=text, settings=settings, **common)
 

@@ -82,7 +82,8 @@ def test_denoise_cli_runs_a_classical_filter_and_records_it(tmp_path, cli):
 @pytest.mark.parametrize("args, message", [
     (("--model", "nlm", "--weights", "w.safetensors"), "takes no --weights"),
     (("--model", "redcnn", "--strength", "10"), "--strength is the parameter of the classical"),
-    (("--model", "tv", "--strength", "-1"), "must be > 0"),
+    (("--model", "tv", "--strength", "-1"), "positive number of HU"),
+    (("--model", "nlm", "--strength", "strong"), "give auto or a positive number"),
 ])
 def test_classical_usage_errors(tmp_path, cli, args, message):
     from tests.synth import SeriesSpec, write_series
