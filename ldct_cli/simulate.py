@@ -70,13 +70,10 @@ class ScanMatched:
 
     def fitted_to(self, series) -> "ScanMatched":
         """A copy fitted to ``series`` (a discovered Series), from up to 12 of its slices."""
-        from ldct_cli.dicom.read import load_slice, rescale_of, stored_to_hu
+        from ldct_cli.dicom.read import read_hu
         from ldct_cli.physics.noise import sample_indices
 
-        sample = []
-        for index in sample_indices(series.n_slices):
-            header, stored = load_slice(series.slices[index].path)
-            sample.append(stored_to_hu(stored, *rescale_of(header)))
+        sample = read_hu(series, sample_indices(series.n_slices))
         return ScanMatched(self.simulator.for_series(sample))
 
     def adapt_to_series(self, series, derivation: Derivation):

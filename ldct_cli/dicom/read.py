@@ -310,3 +310,12 @@ def load_slice(path: Path) -> tuple[Dataset, np.ndarray]:
     stored = stored_pixels(ds, path)
     del ds["PixelData"]
     return ds, stored
+
+
+def read_hu(series: Series, indices) -> list[np.ndarray]:
+    """The HU images (float32) of the slices at ``indices`` of ``series``."""
+    images = []
+    for index in indices:
+        header, stored = load_slice(series.slices[index].path)
+        images.append(stored_to_hu(stored, *rescale_of(header)))
+    return images

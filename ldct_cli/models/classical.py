@@ -83,13 +83,10 @@ class ClassicalDenoiser:
 
         if not self.automatic:
             return self, derivation
-        from ldct_cli.dicom.read import load_slice, rescale_of, stored_to_hu
+        from ldct_cli.dicom.read import read_hu
         from ldct_cli.physics.noise import sample_indices
 
-        sample = []
-        for index in sample_indices(series.n_slices):
-            header, stored = load_slice(series.slices[index].path)
-            sample.append(stored_to_hu(stored, *rescale_of(header)))
+        sample = read_hu(series, sample_indices(series.n_slices))
         twin = copy.copy(self)
         twin.noise_sd_hu = _measured_sd(sample)
         twin.strength_hu = self.strength_for(twin.noise_sd_hu)
