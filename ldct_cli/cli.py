@@ -203,6 +203,9 @@ def simulate(
     recon_filter: Annotated[Optional[str], typer.Option(
         "--filter", help="FBP window of the inserted noise: ramp, shepp-logan, hann or gauss:TAU "
                          "(default: fitted to each series' measured noise texture; see ldct noise).")] = None,
+    texture_offset: Annotated[float, typer.Option(
+        help="Shift the fitted window's TAU by this much: negative sharper, positive softer "
+             "(a kernel near the scan's own; not with --filter).")] = 0.0,
     electronic_noise: Annotated[float, typer.Option(
         help="Electronic noise per ray: its standard deviation in detector counts (0: none).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the noise: the same seed gives the same series.")] = 0,
@@ -245,7 +248,7 @@ def simulate(
     def build(options):
         return build_simulator(dose=dose, i0=i0, electronic_noise=electronic_noise, seed=seed,
                                n_views=views, device=device, batch_size=batch_size, options=options,
-                               recon_filter=recon_filter)
+                               recon_filter=recon_filter, texture_offset=texture_offset)
 
     _run_pipeline(input_path, output_dir, build=build, quiet=quiet, json_out=json_out,
                   options=lambda: DenoiseOptions(transfer_syntax=transfer_syntax,
@@ -435,6 +438,10 @@ def prepare(
     realizations: Annotated[int, typer.Option(
         help="With --simulate-dose: noise draws per dose, each a low-dose file of its own; training "
              "draws among them, so the network sees more noise than one draw per slice.")] = 1,
+    texture_spread: Annotated[str, typer.Option(
+        help="With --simulate-dose: TAU offsets of the fitted noise texture, one per realization in "
+             "turn, e.g. 0,-1,2 with --realizations 3: each scan's own kernel and a sharper and a "
+             "softer one around it (negative: sharper).")] = "0",
     seed: Annotated[int, typer.Option(help="Seed of the simulated noise and of the split.")] = 0,
     spacing: Annotated[Optional[float], typer.Option(help="Resample in-plane to this pixel spacing (mm).")] = None,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
@@ -482,6 +489,8 @@ def prepare(
         modes = [mayo is not None, low is not None, simulate_dose is not None]
         if sum(modes) != 1 or (low is not None and full is None) or (simulate_dose is not None and full is None):
             raise UsageError("choose one mode: --low DIR --full DIR, --mayo ROOT, or --full DIR --simulate-dose A")
+        if texture_spread != "0" and simulate_dose is None:
+            raise UsageError("--texture-spread needs --simulate-dose")
         if realizations != 1 and simulate_dose is None:
             raise UsageError("--realizations needs --simulate-dose (real low-dose series have one noise draw)")
         simulator = simulation = None
@@ -492,12 +501,16 @@ def prepare(
         else:
             from ldct_cli.simulate import build_simulator
 
-            doses = prep.with_realizations(prep.parse_doses(simulate_dose), realizations)
+            distinct = prep.parse_doses(simulate_dose)
+            doses = prep.with_realizations(distinct, realizations)
+            spread = prep.parse_texture_spread(texture_spread, realizations)
+            offsets = [spread[(i // len(distinct)) % len(spread)] for i in range(len(doses))]
             built = [build_simulator(dose=dose, i0=i0, seed=prep.dose_seed(seed, i), device=device,
-                                     recon_filter=recon_filter)
-                     for i, dose in enumerate(doses)]
+                                     recon_filter=recon_filter, texture_offset=offset)
+                     for i, (dose, offset) in enumerate(zip(doses, offsets))]
             simulator = [sim for sim, _ in built]
             simulation = {**dict(built[0][1].settings), "doses": doses, "realizations": realizations,
+                          "texture_offsets": offsets,
                           "seeds": [prep.dose_seed(seed, i) for i in range(len(doses))]}
             sources = prep.simulated_sources(full)
         how = {"command": "ldct prepare", "low": str(low) if low else None, "full": str(full) if full else None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,6 +171,20 @@ def with_realizations(doses: list[float], realizations: int) -> list[float]:
     if realizations < 1:
         raise UsageError(f"--realizations {realizations}: at least 1 (noise draws per dose)")
     return [dose for _ in range(realizations) for dose in doses]
+
+
+def parse_texture_spread(text: str, realizations: int) -> list[float]:
+    """``--texture-spread 0,-1,2``: TAU offsets of the fitted texture, one per realization in turn."""
+    try:
+        spread = [float(part) for part in text.split(",")]
+    except ValueError:
+        spread = []
+    if not spread or not all(math.isfinite(v) for v in spread):
+        raise UsageError(f"--texture-spread {text!r}: TAU offsets separated by commas, e.g. 0,-1,2")
+    if realizations % len(spread):
+        raise UsageError(f"--texture-spread {text}: {len(spread)} textures need --realizations {len(spread)} "
+                         "(or a multiple): realization k of each dose takes the k-th offset in turn")
+    return spread
 
 
 def dose_seed(seed: int, index: int) -> int:

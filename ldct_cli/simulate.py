@@ -26,7 +26,8 @@ FITTED = "fitted"  # the recon_filter setting of a texture fitted per series
 
 
 def simulation_derivation(*, dose: float, i0: float | None, electronic_noise: float, seed: int,
-                          n_views: int, options: DenoiseOptions, recon_filter: str | None = "hann") -> Derivation:
+                          n_views: int, options: DenoiseOptions, recon_filter: str | None = "hann",
+                          texture_offset: float = 0.0) -> Derivation:
     """The derivation written into simulated series (no CID 7203 code fits noise insertion).
 
     ``i0`` None: scan-matched per slice; ``recon_filter`` None: fitted per series (the
@@ -38,6 +39,8 @@ def simulation_derivation(*, dose: float, i0: float | None, electronic_noise: fl
     counts = ("I0 per slice matched to the slice's measured full-dose noise" if i0 is None
               else f"I0 {i0:.3g} photons/ray at full dose")
     window = "FBP window fitted to the series' noise texture" if recon_filter is None else f"{recon_filter} FBP"
+    if texture_offset:
+        window += f" with TAU {texture_offset:+g}"
     description = (f"Simulated {dose * 100:g}% dose by ldct-cli {__version__}: projection-domain "
                    f"noise insertion, {counts}, electronic noise sigma {electronic_noise:g} counts, "
                    f"parallel beam {n_views} views, {window}, seed {seed}")
@@ -45,6 +48,8 @@ def simulation_derivation(*, dose: float, i0: float | None, electronic_noise: fl
                 ("i0", MATCHED if i0 is None else repr(float(i0))),
                 ("electronic_noise", repr(float(electronic_noise))), ("seed", str(seed)),
                 ("n_views", str(n_views)), ("recon_filter", FITTED if recon_filter is None else recon_filter))
+    if texture_offset:  # only when set, so the UIDs of unshifted runs stay what they were
+        settings += (("texture_offset", repr(float(texture_offset))),)
     return Derivation(label=dose_label(dose), description=description, settings=settings, code=None,
                       transfer_syntax=options.transfer_syntax,
                       series_number_offset=options.series_number_offset,
@@ -91,6 +96,8 @@ class ScanMatched:
         parts = []
         if sim.texture is not None:
             parts.append(f"fitted window {sim.texture.recon_filter} (noise sharpness {sim.texture.sharpness:.3f})")
+            if sim.texture_offset:
+                parts.append(f"shifted by TAU {sim.texture_offset:+g} to {sim.recon_filter}")
         if sim.i0 is None and sim.series_level_hu is not None:
             parts.append(f"measured full-dose noise level {sim.series_level_hu:.1f} HU (5x5 local-SD mode)")
         return ", ".join(parts) or "nothing measurable: Hann window, reference I0"
@@ -101,6 +108,7 @@ class ScanMatched:
         return {
             "i0": "matched" if sim.i0 is None else sim.i0,
             "recon_filter": sim.recon_filter,
+            "texture_offset": sim.texture_offset,
             "texture": None if sim.texture is None else dataclasses_asdict(sim.texture),
             "noise_level_hu": sim.series_level_hu,
             "i0_per_slice": i0s,
@@ -117,13 +125,15 @@ def dataclasses_asdict(value) -> dict:
 
 def build_simulator(*, dose: float, i0: float | None = None, electronic_noise: float = 0.0,
                     seed: int = 0, n_views: int = 720, device: str = "auto", batch_size: int = 4,
-                    options: DenoiseOptions = DenoiseOptions(), recon_filter: str | None = None):
+                    options: DenoiseOptions = DenoiseOptions(), recon_filter: str | None = None,
+                    texture_offset: float = 0.0):
     """Return ``(simulator, Derivation)`` for the pipeline; options checked first.
 
     Scan-matched by default: ``i0`` None sets each slice's photon count from its own
     measured noise, ``recon_filter`` None fits the window to each series' texture
     (``physics.noise``). Give either to fix it. The simulator is a ``ScanMatched``
-    wrapper whenever something is matched.
+    wrapper whenever something is matched. ``texture_offset`` shifts the fitted TAU (a
+    sharper window below 0, softer above): a spread of kernels around the scan's own.
     """
     if not 0.0 < dose < 1.0:
         raise UsageError(f"--dose {dose}: must be a fraction of the full dose, between 0 and 1 (e.g. 0.25)")
@@ -144,26 +154,30 @@ def build_simulator(*, dose: float, i0: float | None = None, electronic_noise: f
             check_filter(recon_filter)
         except ValueError as exc:
             raise UsageError(f"--filter: {exc}") from None
+        if texture_offset:
+            raise UsageError("a texture offset (--texture-offset, --texture-spread) shifts the fitted "
+                             "texture: leave --filter out")
     simulator = LowDoseSimulator(dose=dose, i0=i0, electronic_noise=electronic_noise, seed=seed,
                                  n_views=n_views, device=resolve_device(device), batch_size=batch_size,
-                                 recon_filter=recon_filter)
+                                 recon_filter=recon_filter, texture_offset=texture_offset)
     if simulator.scan_matched:
         simulator = ScanMatched(simulator)
     return simulator, simulation_derivation(dose=dose, i0=i0, electronic_noise=electronic_noise,
                                             seed=seed, n_views=n_views, options=options,
-                                            recon_filter=recon_filter)
+                                            recon_filter=recon_filter, texture_offset=texture_offset)
 
 
 def simulate(input_path: Path | str, output_dir: Path | str, *, dose: float,
              i0: float | None = None, electronic_noise: float = 0.0, seed: int = 0,
              n_views: int = 720, device: str = "auto", batch_size: int = 4,
-             options: DenoiseOptions = DenoiseOptions(), recon_filter: str | None = None) -> RunSummary:
+             options: DenoiseOptions = DenoiseOptions(), recon_filter: str | None = None,
+             texture_offset: float = 0.0) -> RunSummary:
     """Write a simulated ``dose`` series for every CT series under ``input_path`` (scan-matched
     unless ``i0`` and ``recon_filter`` are given)."""
     simulator, derivation = build_simulator(dose=dose, i0=i0, electronic_noise=electronic_noise,
                                             seed=seed, n_views=n_views, device=device,
                                             batch_size=batch_size, options=options,
-                                            recon_filter=recon_filter)
+                                            recon_filter=recon_filter, texture_offset=texture_offset)
     return run_denoise(Path(input_path), Path(output_dir), denoiser=simulator, derivation=derivation,
                        options=options)
 

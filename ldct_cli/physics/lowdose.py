@@ -164,7 +164,7 @@ class LowDoseSimulator:
     def __init__(self, *, dose: float, i0: float | None = DEFAULT_I0, electronic_noise: float = 0.0,
                  seed: int = 0, n_views: int = 720, device: str | torch.device = "cpu",
                  pixel_mm: float | None = None, batch_size: int = 4, recon_filter: str | None = "hann",
-                 noiseless_input: bool = False):
+                 noiseless_input: bool = False, texture_offset: float = 0.0):
         if not (0 < dose <= 1):
             raise ValueError(f"dose must be a fraction of the full dose in (0, 1], got {dose!r}")
         if i0 is not None:
@@ -179,6 +179,10 @@ class LowDoseSimulator:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if recon_filter is not None:
             check_filter(recon_filter)
+        if texture_offset and recon_filter is not None:
+            raise ValueError("texture_offset shifts a fitted texture: it needs recon_filter=None")
+        if not math.isfinite(texture_offset):
+            raise ValueError(f"texture_offset must be a finite number of TAU, got {texture_offset!r}")
         if pixel_mm is not None and not pixel_mm > 0:
             raise ValueError(f"pixel_mm must be positive, got {pixel_mm!r}")
         self.dose = float(dose)
@@ -192,6 +196,7 @@ class LowDoseSimulator:
         self.recon_filter = recon_filter
         self.noiseless_input = bool(noiseless_input)
         self.angles = default_angles(self.n_views)
+        self.texture_offset = float(texture_offset)  # added to every fitted TAU (a spread of kernels)
         self.texture = None  # the series' TextureFit, once for_series fitted one
         self.series_level_hu = None  # the series' median noise level, for slices with no own estimate
         self.matches: list[dict] = []
@@ -221,7 +226,7 @@ class LowDoseSimulator:
             measured = noise.series_sharpness(stats)
             if math.isfinite(measured):
                 twin.texture = noise.fit_texture(measured, self.n_views)
-                twin.recon_filter = twin.texture.recon_filter
+                twin.recon_filter = self._offset_filter(twin.texture.tau)
         return twin
 
     def noise_variance(self, p: torch.Tensor, i0: float | None = None) -> torch.Tensor:
@@ -230,6 +235,14 @@ class LowDoseSimulator:
         if self.noiseless_input:
             return quantum_noise_variance(p, i0=self.dose * i0, electronic_noise=self.electronic_noise)
         return added_noise_variance(p, dose=self.dose, i0=i0, electronic_noise=self.electronic_noise)
+
+    def _offset_filter(self, tau: float) -> str:
+        """The gauss window at a fitted ``tau`` plus ``texture_offset``, kept in the family's range."""
+        from ldct_cli.physics.noise import gauss_filter
+        from ldct_cli.physics.projector import GAUSS_TAU_RANGE
+
+        low, high = GAUSS_TAU_RANGE
+        return gauss_filter(min(max(tau + self.texture_offset, low), high))
 
     def _noise_hu(self, white, variance, fov, *, pixel_mm, size, recon_filter) -> torch.Tensor:
         noise_mu = fbp(white * variance.sqrt(), angles=self.angles, pixel_mm=pixel_mm, size=size,
@@ -247,7 +260,7 @@ class LowDoseSimulator:
         recon_filter = self.recon_filter
         if recon_filter is None:  # no series fit: this slice's own texture, else the Hann default
             fitted = noise.fit_texture(stats.sharpness, self.n_views) if stats.valid else None
-            recon_filter = fitted.recon_filter if fitted else "hann"
+            recon_filter = self._offset_filter(fitted.tau) if fitted else "hann"
             record["recon_filter"] = recon_filter
         if self.i0 is not None:
             record.update(i0=self.i0, level_hu=stats.level_hu if stats.valid else None)

@@ -113,3 +113,45 @@ def test_nlm_strength_follows_each_series_noise(tmp_path, cli):
                 "--quiet")
     payload = json.loads(fixed.stdout)
     assert payload["strength_hu"] == "35.0" and payload["series"][0]["measured"] is None
+
+
+def test_prepare_spreads_textures_around_each_scans_own(study, cli, tmp_path):
+    result = cli("prepare", tmp_path / "data", "--full", study / "a", "--simulate-dose", "0.1,0.25",
+                 "--realizations", "3", "--texture-spread", "0,-1,2", "--quiet", "--device", "cpu",
+                 "--split-by", "block", "--split", "0.34,0.33,0.33", "--gap", "0")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["low_doses"] == [0.1, 0.25] * 3
+    assert manifest["simulation"]["texture_offsets"] == [0, 0, -1, -1, 2, 2]
+    [case] = manifest["cases"]
+    details = case["simulation"]
+    assert [d["texture_offset"] for d in details] == [0, 0, -1, -1, 2, 2]
+    fitted = details[0]["texture"]["tau"]
+    from ldct_cli.physics.projector import check_filter
+
+    for d in details:  # one measurement of the scan, windows shifted around it
+        assert d["texture"]["tau"] == fitted
+        assert check_filter(d["recon_filter"]) == pytest.approx(fitted + d["texture_offset"], abs=0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--realizations", "2", "--texture-spread", "0,-1,2"), "need --realizations 3"),
+    (("--texture-spread", "0,x"), "TAU offsets separated by commas"),
+    (("--texture-spread", "0,-1", "--realizations", "2", "--filter", "hann"), "leave --filter out"),
+])
+def test_prepare_texture_spread_errors(study, cli, tmp_path, args, message):
+    result = cli("prepare", tmp_path / "data", "--full", study / "a", "--simulate-dose", "0.25", *args,
+                 "--quiet", "--device", "cpu")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "data").exists()
+
+
+def test_simulate_texture_offset(study, cli, tmp_path):
+    result = cli("simulate", study / "a", tmp_path / "sim", "--dose", "0.25", "--texture-offset", "-1",
+                 "--json", "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)["series"][0]["measured"]
+    assert measured["texture_offset"] == -1
+    assert "shifted by TAU -1 to" in _first_file(tmp_path / "sim").DerivationDescription
+    bad = cli("simulate", study / "a", tmp_path / "bad", "--dose", "0.25", "--texture-offset", "1", "--filter", "hann")
+    assert bad.exit_code == 2 and "leave --filter out" in bad.stderr

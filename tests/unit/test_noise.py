@@ -194,3 +194,17 @@ def test_difference_stats():
     assert stats.f_avg_cycles == pytest.approx(0.25, abs=0.03)  # white noise: flat radial NPS, mean f to Nyquist
     with pytest.raises(ValueError):
         difference_stats(low[0], full)
+
+
+def test_texture_offset_shifts_the_fitted_window(anatomy):
+    from ldct_cli.physics.lowdose import LowDoseSimulator
+
+    full = anatomy + textured_noise(3.0, 512, 15.0, seed=2)
+    base = LowDoseSimulator(dose=0.25, i0=None, recon_filter=None).for_series([full])
+    sharper = LowDoseSimulator(dose=0.25, i0=None, recon_filter=None, texture_offset=-2).for_series([full])
+    assert sharper.texture == base.texture  # the same measurement ...
+    assert check_filter(sharper.recon_filter) == pytest.approx(base.texture.tau - 2, abs=0.01)
+    floor = LowDoseSimulator(dose=0.25, i0=None, recon_filter=None, texture_offset=-30).for_series([full])
+    assert floor.recon_filter == noise.gauss_filter(-3.0)  # ... kept inside the family's range
+    with pytest.raises(ValueError, match="needs recon_filter=None"):
+        LowDoseSimulator(dose=0.25, recon_filter="hann", texture_offset=1)
