@@ -43,19 +43,75 @@ def safe_name(text: str, *, max_len: int = 48, fallback: str = "x") -> str:
     return name or fallback
 
 
-@contextmanager
-def staged_folder(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``final``; on success it becomes ``final``.
+class FolderBusy(OSError):
+    """Another process holds the staging folder of this output (a concurrent run)."""
 
-    On an exception (or Ctrl-C) the folder is removed: a half-written series never
-    appears under its real name. With ``overwrite`` an existing ``final`` is replaced
-    only once the new one is complete.
+
+class AlreadyComplete(Exception):
+    """``final`` was found complete once the lock was held (another run just finished it)."""
+
+
+def _lock_folder(folder: Path):
+    """An exclusive, non-blocking lock on ``folder`` (flock on its descriptor; released when
+    the descriptor is closed, and by the kernel when the process dies). None where the
+    platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking, as before
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(f"{folder}: another ldct run is writing this series now; rerun when it has "
+                         "finished") from None
+    return fd
+
+
+@contextmanager
+def staged_folder(final: Path, *, overwrite: bool = False, resume: bool = False,
+                  n_files: int | None = None) -> Iterator[Path]:
+    """Yield the hidden staging folder of ``final``, locked; on success it becomes ``final``.
+
+    The staging folder is named after ``final`` and locked for as long as this runs, so a
+    second run into the same OUT gets ``FolderBusy`` instead of clearing the first one's
+    work. Without ``resume`` it starts empty and is removed on any exception. With
+    ``resume``, what a stopped run (Ctrl-C, SIGTERM, kill -9) left in it is kept: each file
+    in it was written atomically, so the caller may resume by skipping the files present;
+    an incomplete ``final`` (slices deleted by hand) is moved back into staging the same
+    way (``n_files``: how many slice files a complete one holds; when it holds them all,
+    ``AlreadyComplete`` is raised before anything moves). With ``overwrite`` staging starts
+    empty and an existing ``final`` is replaced only once the new one is complete. On any
+    other exception staging is removed.
     """
     staging = final.with_name(STAGING_PREFIX + final.name)
-    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    lock = _lock_folder(staging)
     try:
-        yield staging
+        for leftover in staging.iterdir():  # a dead writer's temp files (we hold the lock)
+            if leftover.name.startswith(".") or overwrite or not resume:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+        if (resume and final.is_dir() and not overwrite and n_files is not None
+                and len(complete_slices(final, n_files)) == n_files):
+            raise AlreadyComplete(str(final))
+        if resume and final.is_dir() and not overwrite:  # incomplete: resume from what it holds
+            for item in final.iterdir():
+                if not (staging / item.name).exists():
+                    os.replace(item, staging / item.name)
+            shutil.rmtree(final)
+        try:
+            yield staging
+        except (KeyboardInterrupt, SystemExit):
+            if not resume:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise  # stopped: with resume, the finished slices stay for a rerun
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if final.exists() and overwrite:
             trash = final.with_name(STAGING_PREFIX + "old-" + final.name)
             shutil.rmtree(trash, ignore_errors=True)
@@ -65,4 +121,21 @@ def staged_folder(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         else:
             os.replace(staging, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+        _remove_if_empty(staging)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or holds slices to resume
+        pass
+
+
+def complete_slices(folder: Path, n: int) -> set[int]:
+    """Indices ``i`` in [0, n) whose slice file (``i + 1:04d``.dcm) is in ``folder``."""
+    if not folder.is_dir():
+        return set()
+    names = {p.name for p in folder.iterdir()}
+    return {i for i in range(n) if f"{i + 1:04d}.dcm" in names}

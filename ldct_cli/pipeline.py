@@ -36,7 +36,8 @@ from ldct_cli.dicom.write import (
     write_slice,
 )
 from ldct_cli.errors import LdctError, UsageError
-from ldct_cli.fsutil import STAGING_PREFIX, is_within, safe_name, staged_folder
+from ldct_cli.fsutil import (STAGING_PREFIX, AlreadyComplete, FolderBusy, complete_slices, is_within, safe_name,
+                             staged_folder)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SeriesResult:
     seconds: float = 0.0
     error: str | None = None
     clipped_pixels: int = 0
+    resumed_slices: int = 0  # slices a stopped run had finished, kept instead of redone
     measured: dict | None = None  # what was measured of this series and set from it (scan-matched
     # simulation, an automatic filter strength)
 
@@ -211,6 +213,9 @@ def output_folder(series: Series, input_path: Path, output_dir: Path, derivation
     return output_dir.joinpath(*parts, f"{label}_{safe_name(derivation.label)}_{tag}")
 
 
+ALREADY_COMPLETE = "already complete (use --overwrite to write it again)"
+
+
 def process_series(series: Series, final: Path, *, denoiser, derivation: Derivation,
                    options: DenoiseOptions, executor: cf.Executor,
                    progress: Progress | None = None) -> SeriesResult:
@@ -225,14 +230,20 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
         adapt = getattr(denoiser, "adapt_to_series", None)
         if adapt is not None and options.blend < 1.0:  # fit the model to this series (its noise)
             denoiser, derivation = adapt(series, derivation)
-        with staged_folder(final, overwrite=options.overwrite) as staging:
+        with staged_folder(final, overwrite=options.overwrite, resume=True,
+                           n_files=series.n_slices) as staging:
+            done = complete_slices(staging, series.n_slices)
+            result.resumed_slices = len(done)
             result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
-                                            options=options, executor=executor, progress=progress)
+                                            options=options, executor=executor, progress=progress,
+                                            skip=done)
         details = getattr(denoiser, "series_details", None)
         result.measured = details() if details is not None else None
+    except AlreadyComplete:  # another run finished it while this one waited
+        result.status, result.error = "skipped", ALREADY_COMPLETE
     except Exception as exc:  # one bad series never stops the others
         result.status, result.output = "failed", None
-        if isinstance(exc, LdctError):
+        if isinstance(exc, (LdctError, FolderBusy)):
             result.error = str(exc)
         elif isinstance(exc, OSError):
             result.error = f"{final}: cannot write ({exc})"
@@ -245,8 +256,10 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
 
 
 def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
-            options: DenoiseOptions, executor: cf.Executor, progress: Progress) -> int:
-    """Read, denoise and write every slice of ``series`` into ``staging``; return clipped count.
+            options: DenoiseOptions, executor: cf.Executor, progress: Progress,
+            skip: set[int] = frozenset()) -> int:
+    """Read, denoise and write every slice of ``series`` into ``staging`` but those in
+    ``skip`` (already there); return clipped count.
 
     Workers decode (``load_slice``) and encode (``write_slice``); this process converts
     to HU, runs the model in batches, blends, converts back and restores padding, so
@@ -260,6 +273,8 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
                                                if denoiser is not None else 0)
     writes: deque[cf.Future] = deque()
     clipped = 0
+    if skip:
+        progress.slices_done(len(skip))
 
     def submit_write(fn, job) -> None:
         # Keep at most `lookahead` writes in flight: memory stays flat on any series length.
@@ -272,12 +287,14 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
     try:
         if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
             for i, s in enumerate(series.slices):
+                if i in skip:
+                    continue
                 submit_write(copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
                                                  derivation=derivation, path=destinations[i],
                                                  unique_source_uid=unique[i]))
         else:
             slices = ordered_map(executor, load_slice, [s.path for s in series.slices], lookahead)
-            for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend):
+            for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend, skip):
                 uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key,
                                             index=i, unique_source_uid=unique[i])
                 submit_write(write_slice, SliceJob(header=header, stored=out_stored,
@@ -296,8 +313,9 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
 
 
 def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
-              blend: float) -> Iterator[tuple[int, Any, np.ndarray, int]]:
-    """Yield ``(index, header, output stored values, pixels clipped)`` for slices in order.
+              blend: float, skip: set[int] = frozenset()) -> Iterator[tuple[int, Any, np.ndarray, int]]:
+    """Yield ``(index, header, output stored values, pixels clipped)`` for slices in order,
+    but those in ``skip`` (still read, as other slices' context).
 
     Slices are batched (same matrix size only), each with its ``context_slices``
     neighbours (replicated at the ends of the series; a neighbour of another matrix size
@@ -329,12 +347,15 @@ def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
         loaded[index] = (header, stored, stored_to_hu(stored, slope, intercept))
         # Every slice whose neighbours are all loaded can join a batch.
         while next_out < n and (next_out + half <= index or index == n - 1):
-            if batch and loaded[batch[0]][2].shape != loaded[next_out][2].shape:
-                yield from flush()
-            batch.append(next_out)
-            next_out += 1
-            if len(batch) == denoiser.batch_size:
-                yield from flush()
+            if next_out in skip:  # written by an earlier run
+                next_out += 1
+            else:
+                if batch and loaded[batch[0]][2].shape != loaded[next_out][2].shape:
+                    yield from flush()
+                batch.append(next_out)
+                next_out += 1
+                if len(batch) == denoiser.batch_size:
+                    yield from flush()
             keep_from = (batch[0] if batch else next_out) - half
             for old in [k for k in loaded if k < keep_from]:
                 del loaded[old]
@@ -381,11 +402,11 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
         for series in found.series:
             series_uid = derivation.uid("series", series.key)
             final = output_folder(series, input_path, output_dir, derivation, series_uid)
-            if final.exists() and not options.overwrite:
+            if not options.overwrite and len(complete_slices(final, series.n_slices)) == series.n_slices:
                 summary.series.append(SeriesResult(
                     input=str(series.folder), output=str(final), series_uid=series.series_uid,
                     output_series_uid=series_uid, slices=series.n_slices,
-                    status="skipped", error="already complete (use --overwrite to write it again)"))
+                    status="skipped", error=ALREADY_COMPLETE))
                 progress.series_finished(summary.series[-1])
                 continue
             result = process_series(series, final, denoiser=denoiser, derivation=derivation,

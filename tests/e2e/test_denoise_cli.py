@@ -475,7 +475,8 @@ def test_two_point_five_d_feeds_neighbours_in_spatial_order(tmp_path, cli):
         assert np.array_equal(_read(out).pixel_array, expected), i
 
 
-def test_interrupted_series_leaves_no_partial_output(tmp_path, checkpoints, monkeypatch):
+def test_interrupted_series_publishes_nothing_and_a_rerun_writes_only_the_rest(tmp_path, checkpoints,
+                                                                               monkeypatch):
     from ldct_cli import build_denoiser, run_denoise
     from ldct_cli.dicom import write as writer
     from ldct_cli.pipeline import DenoiseOptions
@@ -497,7 +498,19 @@ def test_interrupted_series_leaves_no_partial_output(tmp_path, checkpoints, monk
         run_denoise(tmp_path / "in", tmp_path / "out", denoiser=denoiser, derivation=derivation,
                     options=options)
     assert len(calls) == 3
-    assert [p for p in (tmp_path / "out").rglob("*")] == []
+    [staging] = (tmp_path / "out").iterdir()  # nothing under a series' own name ...
+    assert staging.name.startswith(".ldct-partial-")
+    assert sorted(p.name for p in staging.iterdir()) == ["0001.dcm", "0002.dcm"]  # ... two slices kept
+
+    calls.clear()
+    monkeypatch.setattr(writer, "write_dataset", lambda ds, path: (calls.append(path), real(ds, path)))
+    summary = run_denoise(tmp_path / "in", tmp_path / "out", denoiser=denoiser, derivation=derivation,
+                          options=options)
+    [result] = summary.series
+    assert result.status == "done" and result.resumed_slices == 2
+    assert sorted(Path(p).name for p in calls) == ["0003.dcm", "0004.dcm"]
+    [folder] = (tmp_path / "out").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["0001.dcm", "0002.dcm", "0003.dcm", "0004.dcm"]
 
 
 def test_public_api_denoises_one_series(tmp_path, checkpoints):
@@ -526,12 +539,17 @@ def test_help_and_version(cli):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_signal_mid_series_removes_partial_output(tmp_path, checkpoints, signal_name):
-    """A real `ldct` process, stopped while writing a series: no partial series remains."""
+def test_signal_mid_series_keeps_finished_slices_hidden_and_a_rerun_resumes(tmp_path, checkpoints, cli,
+                                                                            signal_name):
+    """A real `ldct` process, stopped while writing a series: no partial series appears under
+    its name; the slices it finished wait in the hidden staging folder, and a rerun writes
+    only the others, giving what one uninterrupted run gives."""
     import signal
     import subprocess
     import sys
     import time
+
+    import pydicom
 
     write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=40))
     command = [sys.executable, "-m", "ldct_cli", "denoise", str(tmp_path / "in"), str(tmp_path / "out"),
@@ -541,10 +559,76 @@ def test_signal_mid_series_removes_partial_output(tmp_path, checkpoints, signal_
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("out/.ldct-partial-*/0001.dcm")):
+    while not list(tmp_path.glob("out/.ldct-partial-*/0002.dcm")):
         assert process.poll() is None and time.monotonic() < deadline, "never started writing"
         time.sleep(0.05)
     process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0
-    assert list((tmp_path / "out").rglob("*")) == [], stderr
+    [staging] = (tmp_path / "out").iterdir()
+    assert staging.name.startswith(".ldct-partial-"), stderr
+    kept = sorted(p.name for p in staging.iterdir())
+    assert 2 <= len(kept) < 40 and all(not name.startswith(".") for name in kept)
+
+    result = cli("denoise", tmp_path / "in", tmp_path / "out", "--weights", checkpoints["redcnn"],
+                 "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    [series] = json.loads(result.stdout)["series"]
+    assert series["status"] == "done" and series["resumed_slices"] == len(kept)
+    assert cli("denoise", tmp_path / "in", tmp_path / "whole", "--weights", checkpoints["redcnn"],
+               "--quiet").exit_code == 0
+    [resumed] = [p for p in (tmp_path / "out").iterdir()]
+    [whole] = [p for p in (tmp_path / "whole").iterdir()]
+    assert not resumed.name.startswith(".") and resumed.name == whole.name
+    for a, b in zip(sorted(resumed.iterdir()), sorted(whole.iterdir()), strict=True):
+        da, db = pydicom.dcmread(a), pydicom.dcmread(b)
+        assert da.SOPInstanceUID == db.SOPInstanceUID and da.PixelData == db.PixelData, a.name
+
+
+def test_a_deleted_output_slice_is_redone(tmp_path, checkpoints, cli):
+    write_series(tmp_path / "in", SeriesSpec(rows=64, columns=64, n_slices=6))
+    args = ("denoise", tmp_path / "in", tmp_path / "out", "--weights", checkpoints["redcnn"], "--quiet", "--json")
+    assert cli(*args).exit_code == 0
+    [folder] = (tmp_path / "out").iterdir()
+    original = (folder / "0003.dcm").read_bytes()
+    (folder / "0003.dcm").unlink()
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    [series] = json.loads(result.stdout)["series"]
+    assert series["status"] == "done" and series["resumed_slices"] == 5
+    import pydicom
+
+    again = pydicom.dcmread(folder / "0003.dcm")
+    before = pydicom.dcmread(__import__("io").BytesIO(original))
+    assert again.PixelData == before.PixelData and again.SOPInstanceUID == before.SOPInstanceUID
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [folder.name]  # no staging left
+    [series] = json.loads(cli(*args).stdout)["series"]
+    assert series["status"] == "skipped" and "already complete" in series["error"]
+
+
+def test_two_runs_into_one_out_never_lose_slices(tmp_path, checkpoints):
+    """Two real processes write the same series into one OUT at once: one writes it, the
+    other says the series is busy (or already complete); the series ends complete."""
+    import subprocess
+    import sys
+
+    import pydicom
+
+    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=24))
+    command = [sys.executable, "-m", "ldct_cli", "denoise", str(tmp_path / "in"), str(tmp_path / "out"),
+               "--weights", str(checkpoints["redcnn"]), "--batch-size", "1", "--quiet", "--json"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    results = [(json.loads(out)["series"][0], run.returncode) for run, (out, _) in zip(runs, outputs)]
+    done = [r for r, code in results if r["status"] == "done" and code == 0]
+    other = [(r, code) for r, code in results if r not in done]
+    assert len(done) == 1 and len(other) == 1, outputs
+    [(second, code)] = other
+    assert (second["status"], code) in (("failed", 1), ("skipped", 0)), outputs
+    if second["status"] == "failed":
+        assert "another ldct run is writing this series now" in second["error"]
+    [folder] = (tmp_path / "out").iterdir()
+    files = sorted(folder.iterdir())
+    assert [p.name for p in files] == [f"{i:04d}.dcm" for i in range(1, 25)]
+    assert len({pydicom.dcmread(p).SOPInstanceUID for p in files}) == 24
