@@ -332,6 +332,10 @@ def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
             stacks.append(np.stack([loaded[j][2] if loaded[j][2].shape == center.shape else center
                                     for j in context_indices(i, n, denoiser.context_slices)]))
         denoised = denoiser(np.stack(stacks), pixel_mm=pixel_spacing_mm(loaded[batch[0]][0]))
+        if not np.isfinite(denoised).all():
+            bad = [i + 1 for row, i in enumerate(batch) if not np.isfinite(denoised[row]).all()]
+            raise LdctError(f"the model returned NaN or infinite values (slice {bad[0]} of {n}): "
+                            "nothing written for this series")
         for row, i in enumerate(batch):
             header, stored, image_hu = loaded[i]
             out_hu = denoised[row] if blend == 0 else (1.0 - blend) * denoised[row] + blend * image_hu

@@ -9,6 +9,7 @@ decoder reads (GDCM, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls, pydicom's own)
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -152,13 +153,63 @@ def check_ct_image(ds: Dataset, path: Path) -> None:
     if "Rows" not in ds or "Columns" not in ds:
         # A CT image always has them: the header is cut short or damaged.
         raise DicomError(path, "CT image without Rows/Columns (truncated or damaged header)")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = _element(ds, "ImageType", path) or []
+    if isinstance(image_type, (str, bytes)) or not hasattr(image_type, "__iter__"):
+        image_type = [image_type]  # one value, or a number where a code string belongs
+    image_type = [str(v).upper() for v in image_type]
     if len(image_type) > 2 and image_type[2] == "LOCALIZER":
         raise NotCTError(path, "localizer (scout) image")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    for keyword in ("Rows", "Columns"):
+        size = _int_element(ds, keyword, path, None)
+        if size is None or size < 1:
+            raise DicomError(path, f"{keyword} {size}: not a positive matrix size")
+    if _int_element(ds, "SamplesPerPixel", path, 1) != 1 or (_int_element(ds, "NumberOfFrames", path, 1) or 1) != 1:
         raise NotCTError(path, "not a single-frame grayscale image")
-    if int(ds.get("BitsAllocated", 16)) != 16:  # the CT Image module allows only 16
-        raise DicomError(path, f"Bits Allocated {ds.BitsAllocated} (a CT image has 16)")
+    bits = _int_element(ds, "BitsAllocated", path, 16)
+    if bits != 16:  # the CT Image module allows only 16
+        raise DicomError(path, f"Bits Allocated {bits} (a CT image has 16)")
+    _rescale_checked(ds, path)
+
+
+def _element(ds: Dataset, keyword: str, path: Path, default=None):
+    """The value of ``keyword``, or DicomError naming the element when pydicom cannot read it."""
+    try:
+        value = ds.get(keyword, default)
+    except Exception as exc:  # a damaged element: bad VR, bad length, undecodable value
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DicomError(path, f"{keyword}: unreadable element ({detail})") from None
+    return default if value in (None, "") else value
+
+
+def _int_element(ds: Dataset, keyword: str, path: Path, default: int | None) -> int | None:
+    """An integer element (IS or US), or DicomError naming it and its value."""
+    value = _element(ds, keyword, path, default)
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise DicomError(path, f"{keyword} {str(value)[:40]!r}: not an integer")
+    return int(number)
+
+
+def _rescale_checked(ds: Dataset, path: Path) -> tuple[float, float]:
+    """(slope, intercept), or DicomError when either is not a finite number or the slope is 0."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = _element(ds, keyword, path, default)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise DicomError(path, f"{keyword} {str(value)[:40]!r}: not a finite number, so no HU")
+        values.append(number)
+    if values[0] == 0:
+        raise DicomError(path, "Rescale Slope 0: every pixel would be the intercept, so no HU")
+    return values[0], values[1]
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
@@ -173,16 +224,15 @@ def read_slice_header(path: Path) -> tuple[SliceHeader, Dataset]:
     """Read and check one slice's header (no pixels). Raises DicomError and its kinds."""
     ds = read_dataset(path, stop_before_pixels=True)
     check_ct_image(ds, path)
-    number = ds.get("InstanceNumber")
     return SliceHeader(
         path=path,
         sop_instance_uid=sop_instance_of(ds),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        instance_number=int(number) if number not in (None, "") else None,
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        series_uid=str(_element(ds, "SeriesInstanceUID", path, "") or ""),
+        rows=_int_element(ds, "Rows", path, None),
+        columns=_int_element(ds, "Columns", path, None),
+        instance_number=_int_element(ds, "InstanceNumber", path, None),
+        position=_floats(_element(ds, "ImagePositionPatient", path), 3),
+        orientation=_floats(_element(ds, "ImageOrientationPatient", path), 6),
         transfer_syntax=transfer_syntax_of(ds),
     ), ds
 
@@ -225,8 +275,12 @@ def discover(root: Path) -> Discovery:
     skipped: list[tuple[Path, str]] = []
     failed: list[tuple[Path, str]] = []
     for path in iter_files(root):
+        if not path.is_file():  # a FIFO, socket or device: reading it could block forever
+            skipped.append((path, "not a regular file"))
+            continue
         try:
             header, ds = read_slice_header(path)
+            number = _int_element(ds, "SeriesNumber", path, None)
         except (NotDicomError, NotCTError) as exc:
             skipped.append((path, exc.reason))
             continue
@@ -236,11 +290,9 @@ def discover(root: Path) -> Discovery:
         key = header.series_uid or _fallback_key(header, root)
         series = grouped.get(key)
         if series is None:
-            number = ds.get("SeriesNumber")
             series = grouped[key] = Series(
                 key=key, series_uid=header.series_uid, folder=path.parent,
-                description=str(ds.get("SeriesDescription", "") or ""),
-                number=int(number) if number not in (None, "") else None,
+                description=str(ds.get("SeriesDescription", "") or ""), number=number,
             )
         series.slices.append(header)
     for series in grouped.values():

@@ -1,0 +1,82 @@
+"""Hostile input (issue: batch runs that survive it): one bad value is one line for that file,
+the other series are written, the exit code says something failed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests.synth import SeriesSpec, write_series
+
+
+def _mutate(path, keyword, value):
+    """Rewrite one element of a written file with raw bytes, as a damaged or careless writer would."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+
+    ds = pydicom.dcmread(path)
+    tag = tag_for_keyword(keyword)
+    raw = value.encode() + (b" " if len(value) % 2 else b"")
+    ds[tag] = RawDataElement(pydicom.tag.Tag(tag), ds[tag].VR, len(raw), raw, 0, False, True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+BAD = [
+    ("InstanceNumber", "x1", "InstanceNumber 'x1': not an integer"),
+    ("SeriesNumber", "1.5", "SeriesNumber '1.5': not an integer"),
+    ("RescaleSlope", "0", "Rescale Slope 0"),
+    ("RescaleSlope", "NaN", "RescaleSlope 'NaN': not a finite number"),
+    ("RescaleIntercept", "inf", "RescaleIntercept 'inf': not a finite number"),
+]
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    root = tmp_path / "in"
+    write_series(root / "good", SeriesSpec(n_slices=2, series_description="GOOD"))
+    for k, (keyword, value, _) in enumerate(BAD):
+        [path] = write_series(root / f"bad{k}", SeriesSpec(n_slices=1, series_description=f"BAD{k}"))
+        _mutate(path, keyword, value)
+    os.mkfifo(root / "good" / "pipe.dcm")  # reading it would block forever
+    return root
+
+
+def test_bad_header_values_are_one_line_each_and_the_rest_is_written(hostile, tmp_path, cli):
+    result = cli("denoise", hostile, tmp_path / "out", "--model", "tv", "--strength", "50", "--json", "--quiet")
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert [s["status"] for s in summary["series"]] == ["done"]
+    failed = {os.path.basename(os.path.dirname(f["path"])): f["error"] for f in summary["failed_files"]}
+    for k, (_, _, message) in enumerate(BAD):
+        assert message in failed[f"bad{k}"]
+        assert "\n" not in failed[f"bad{k}"]
+    assert {"path": str(hostile / "good" / "pipe.dcm"), "reason": "not a regular file"} in summary["skipped_files"]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_returns_nan_fails_the_series(tmp_path):
+    from ldct_cli import run_denoise
+    from ldct_cli.api import build_classical
+    from ldct_cli.pipeline import DenoiseOptions
+
+    write_series(tmp_path / "in", SeriesSpec(n_slices=3))
+    options = DenoiseOptions(workers=0)
+    _, derivation = build_classical("tv", strength=10, options=options)
+
+    class Broken:
+        context_slices, batch_size = 1, 2
+
+        def __call__(self, stack, *, pixel_mm=None):
+            out = stack[:, 0].astype(np.float32)
+            out[-1, 0, 0] = np.nan
+            return out
+
+    summary = run_denoise(tmp_path / "in", tmp_path / "out", denoiser=Broken(), derivation=derivation,
+                          options=options)
+    [series] = summary.series
+    assert series.status == "failed" and "NaN or infinite" in series.error and summary.exit_code == 1
+    assert list((tmp_path / "out").rglob("*.dcm")) == []
