@@ -184,8 +184,9 @@ def check_paths(input_path: Path, output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir}: exists and is not a folder")
     root = input_path if input_path.is_dir() else input_path.parent
-    if is_within(output_dir, root) and input_path.is_dir():
-        raise UsageError(f"{output_dir}: OUT is inside IN ({input_path}); nothing is ever written "
+    if is_within(output_dir, root):
+        where = input_path if input_path.is_dir() else f"{root}, the folder of the input file {input_path.name}"
+        raise UsageError(f"{output_dir}: OUT is inside IN ({where}); nothing is ever written "
                          "inside the input tree")
     if is_within(input_path, output_dir):
         raise UsageError(f"{input_path}: IN is inside OUT ({output_dir}); choose an OUT outside IN")

@@ -112,6 +112,26 @@ class Derivation:
         return generate_uid(entropy_srcs=["ldct-cli", self.fingerprint, *sources])
 
 
+IS_MAX = 2**31 - 1  # Integer String: a signed 32-bit value, at most 12 characters
+
+
+def derived_series_number(number, offset: int) -> int:
+    """The input's Series Number + ``offset``; when that leaves the IS range (or the input is
+    not a number), ``offset`` + the input's last six digits, so it still tells series apart."""
+    text = str(number).strip() if number not in (None, "") else "0"
+    try:
+        base = int(text)
+    except ValueError:
+        try:
+            base = int(float(text))
+        except (ValueError, OverflowError):
+            base = 0
+    result = base + offset
+    if -IS_MAX - 1 <= result <= IS_MAX:
+        return result
+    return offset + abs(base) % 10**6
+
+
 def output_transfer_syntax(source_syntax: str, mode: str) -> str:
     """Explicit VR Little Endian, or with ``keep`` a lossless input syntax pydicom can encode."""
     if mode == "keep":
@@ -203,9 +223,7 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
     image_type = [str(v) for v in (ds.get("ImageType") or [])]
     ds.ImageType = ["DERIVED", "SECONDARY", image_type[2] if len(image_type) > 2 else "AXIAL",
                     *image_type[3:]]  # vendors' further values kept
-    number = ds.get("SeriesNumber")
-    base_number = int(number) if number not in (None, "") else 0
-    ds.SeriesNumber = base_number + derivation.series_number_offset
+    ds.SeriesNumber = derived_series_number(ds.get("SeriesNumber"), derivation.series_number_offset)
     suffix = f" [ldct {derivation.label}]"
     description = str(ds.get("SeriesDescription", "") or "")
     ds.SeriesDescription = (description[: 64 - len(suffix)] + suffix).strip()

@@ -324,10 +324,18 @@ def test_bad_inputs_are_reported_and_the_good_series_still_written(tmp_path, cli
 
 
 def test_not_dicom_file_as_the_only_input_is_an_error(tmp_path, cli, checkpoints):
-    path = write_not_dicom(tmp_path / "notes.txt")
+    (tmp_path / "in").mkdir()
+    path = write_not_dicom(tmp_path / "in" / "notes.txt")
     result = cli("denoise", path, tmp_path / "out", "--weights", checkpoints["redcnn"], "--quiet")
     assert result.exit_code == 1
     assert "not a DICOM file" in result.stderr and "no CT series found" in result.stderr
+
+
+def test_out_beside_a_single_input_file_is_refused(tmp_path, cli, checkpoints):
+    [path] = write_series(tmp_path / "in", SeriesSpec(n_slices=1))
+    result = cli("denoise", path, tmp_path / "in" / "out", "--weights", checkpoints["redcnn"], "--quiet")
+    assert result.exit_code == 2 and "OUT is inside IN" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [path.name]
 
 
 def test_header_truncated_file_fails_and_others_are_written(tmp_path, cli, checkpoints):

@@ -152,3 +152,14 @@ def test_derivation_uids_are_deterministic_valid_and_depend_on_what_changes_pixe
                 a.uid("instance", "1.2.4"), a.uid("series", "1.2.3")}) == 5
     assert len(uid) <= 64 and all(p.isdigit() and (p == "0" or not p.startswith("0"))
                                   for p in uid.split("."))
+
+
+def test_derived_series_number_stays_in_the_is_range():
+    from ldct_cli.dicom.write import IS_MAX, derived_series_number
+
+    assert derived_series_number(3, 1000) == 1003
+    assert derived_series_number(None, 1000) == 1000
+    assert derived_series_number(IS_MAX, 1000) == 1000 + IS_MAX % 10**6
+    assert derived_series_number("12345678901234567890", 2000) == 2000 + 567890  # its last six digits
+    for value in (IS_MAX, "12345678901234567890", -IS_MAX - 1):
+        assert len(str(derived_series_number(value, 1000))) <= 12
