@@ -161,6 +161,11 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
                 summary = run_denoise(input_path, output_dir, denoiser=transform,
                                       derivation=derivation, options=opts, progress=progress,
                                       executor=executor)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the series written before this one are complete in {output_dir}; the "
+                  "slices finished of this one are kept, hidden; run the same command again to continue",
+                  markup=False)
+        raise typer.Exit(_interrupted_exit_code())
     except UsageError as exc:
         raise _fail(str(exc), EXIT_USAGE)
     except LdctError as exc:
@@ -733,7 +738,7 @@ def train(
 
     Ctrl-C (or SIGTERM) saves and stops; continue with --resume OUT. Multi-GPU and multi-node: launch with torchrun (DistributedDataParallel; rank 0 writes).
 
-    Exit codes: 0 done, 1 failed, 2 bad options, 130 interrupted (state saved).
+    Exit codes: 0 done, 1 failed, 2 bad options, 130 (Ctrl-C) or 143 (SIGTERM) interrupted (state saved).
 
     Examples:
 
@@ -807,7 +812,7 @@ def train(
     if result.stopped == "interrupted":
         err.print(f"interrupted: state saved at step {result.step}; continue with "
                   f"ldct train --resume {result.run_dir}", markup=False)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + int(result.stop_signal or signal.SIGINT))
 
 
 @app.command()
@@ -901,9 +906,18 @@ def _bundled_lines(row: dict) -> list[str]:
     return lines
 
 
+_received_signal = {"number": signal.SIGINT}
+
+
 def _terminate(signum, frame):
-    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so partial output is removed.
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C; the exit code says which (143).
+    _received_signal["number"] = signum
     raise KeyboardInterrupt
+
+
+def _interrupted_exit_code() -> int:
+    """128 + the signal that stopped us: 130 for Ctrl-C, 143 for SIGTERM (the shell convention)."""
+    return 128 + int(_received_signal["number"])
 
 
 def main() -> None:

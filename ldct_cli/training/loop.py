@@ -70,6 +70,7 @@ class TrainResult:
     world_size: int
     generator_sha256: str
     rank: int = 0
+    stop_signal: int | None = None  # the signal behind "interrupted" (SIGINT, SIGTERM)
     losses: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -182,12 +183,14 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the signal that asked, for the exit code (128 + it)
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -689,7 +692,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             data_wait_fraction=wait_s / max(time.monotonic() - t_steady, 1e-9) if done else 0.0,
             seconds=seconds,
             world_size=dist_info.world_size, rank=dist_info.rank,
-            generator_sha256=tensors_sha256(_unwrap(net).state_dict()), losses=losses_seen)
+            generator_sha256=tensors_sha256(_unwrap(net).state_dict()), losses=losses_seen,
+            stop_signal=stop_request.signum)
     finally:
         if dist_info.initialized_here:
             import torch.distributed as dist
