@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ldct_cli._version import __version__
 from ldct_cli.errors import LdctError, UsageError
@@ -51,7 +52,7 @@ def _main(
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -174,10 +175,11 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
     for path, reason in summary.skipped_files:
         err.print(f"skipped {path}: {reason}", markup=False, soft_wrap=True)
     for path, reason in summary.failed_files:
-        err.print(f"[red]failed[/red] {path}: {reason}", soft_wrap=True)
+        err.print(f"[red]failed[/red] {escape(str(path))}: {escape(reason)}", soft_wrap=True)
     for result in summary.series:
         if result.status == "failed":
-            err.print(f"[red]failed[/red] series {result.input}: {result.error}", soft_wrap=True)
+            err.print(f"[red]failed[/red] series {escape(result.input)}: {escape(str(result.error))}",
+                      soft_wrap=True)
         elif result.status == "skipped":
             err.print(f"skipped series {result.input}: {result.error}", markup=False, soft_wrap=True)
     done = sum(r.status == "done" for r in summary.series)
@@ -191,7 +193,7 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
                   f"{sum(r.status == 'skipped' for r in summary.series)} skipped, {n_failed} failed",
                   markup=False)
     if not summary.series and not summary.failed_files and not json_out:
-        err.print(f"[yellow]no CT series found in {input_path}[/yellow]")
+        err.print(f"[yellow]no CT series found in {escape(str(input_path))}[/yellow]")
     raise typer.Exit(summary.exit_code)
 
 
@@ -373,13 +375,13 @@ def noise(
             column.justify = "right"
         for r in reports:
             span = f"{r.noise_sd_range_hu[0]:g}-{r.noise_sd_range_hu[1]:g}" if r.noise_sd_range_hu else "-"
-            table.add_row(_shown_folder(r.folder, input_path), f"{r.measured}/{r.slices}", _num(r.noise_sd_hu),
-                          span, r.recon_filter or "-", _num(r.nps_f_avg_mm))
+            table.add_row(escape(_shown_folder(r.folder, input_path)), f"{r.measured}/{r.slices}",
+                          _num(r.noise_sd_hu), span, r.recon_filter or "-", _num(r.nps_f_avg_mm))
         Console(highlight=False).print(table)
         if per_slice:
             for r in reports:
                 rows = RichTable("slice", "z (mm)", "SD (HU)", "level (HU)", "sharpness",
-                                 "tissue px", title=_shown_folder(r.folder, input_path))
+                                 "tissue px", title=escape(_shown_folder(r.folder, input_path)))
                 for column in rows.columns:
                     column.justify = "right"
                 for row in r.rows:
@@ -570,9 +572,9 @@ def evaluate(
     weights: Annotated[Optional[list[Path]], typer.Option(help="With --data: checkpoint(s) to run.")] = None,
     roi_size: Annotated[int, typer.Option(help="Side of the uniform ROIs (noise, bias, NPS), pixels.")] = 32,
     roi_file: Annotated[Optional[Path], typer.Option(
-        help='JSON file of ROIs used on every slice instead of the automatic ones, and ROI pairs for '
-             'CNR: {"roi_px": 16, "uniform": [[row, col], ...], "cnr": [{"name": "lesion", '
-             '"a": [row, col], "b": [row, col]}]} (top-left corners, pixels).')] = None,
+        help=escape('JSON file of ROIs used on every slice instead of the automatic ones, and ROI pairs for '
+                    'CNR: {"roi_px": 16, "uniform": [[row, col], ...], "cnr": [{"name": "lesion", '
+                    '"a": [row, col], "b": [row, col]}]} (top-left corners, pixels).'))] = None,
     rois: Annotated[int, typer.Option(help="Uniform ROIs per slice.")] = 4,
     montage_slices: Annotated[int, typer.Option(help="Slices shown in each montage, spread along z.")] = 3,
     montage_z: Annotated[Optional[str], typer.Option(
@@ -656,7 +658,7 @@ def evaluate(
     table = RichTable(*header, title=f"window {s['window_hu']} HU, L = {s['data_range_L']:g}; "
                                      f"SSIM: {s['ssim_variant']}")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(str(cell)) for cell in row))  # labels are text, never markup
     Console().print(table)
     for series in report["series"]:
         for note in series["notes"]:
@@ -862,7 +864,7 @@ def models(
                      if row["kind"] != "classical" else "classical filter")
             if row["variant_of"]:
                 about += f"; a variant of {row['variant_of']}"
-            out.print(f"\n[bold]{row['name']}[/bold] ({about}): {row['title']}")
+            out.print(f"\n[bold]{escape(row['name'])}[/bold] ({escape(about)}): {escape(row['title'])}")
             out.print(f"  paper: {row['paper']}", markup=False)
             for line in _bundled_lines(row):
                 out.print(f"  {line}", markup=False)

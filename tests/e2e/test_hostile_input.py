@@ -80,3 +80,24 @@ def test_a_model_that_returns_nan_fails_the_series(tmp_path):
     [series] = summary.series
     assert series.status == "failed" and "NaN or infinite" in series.error and summary.exit_code == 1
     assert list((tmp_path / "out").rglob("*.dcm")) == []
+
+
+def test_square_brackets_in_paths_and_labels_are_text_not_markup(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the whole evaluate table on one screen
+    result = cli("denoise", tmp_path / "[/x]", tmp_path / "out", "--model", "nlm")
+    assert result.exit_code == 2 and "[/x]: no such file or folder" in result.stderr
+    source = tmp_path / "[bold]in"
+    write_series(source, SeriesSpec(n_slices=1))
+    empty = cli("denoise", tmp_path / "[b]nothing", tmp_path / "out2", "--model", "nlm")
+    assert empty.exit_code == 2 and "[b]nothing" in empty.stderr
+    assert cli("denoise", source, tmp_path / "out", "--model", "tv", "--quiet").exit_code == 0
+    table = cli("evaluate", source, *(tmp_path / "out").rglob("S*"))
+    assert table.exit_code == 0, table.output
+    assert "[ldct tv]" in table.stdout  # the derived series' label survives
+    from ldct_cli.models.classical import Bm3d
+
+    try:
+        Bm3d()
+    except Exception as exc:  # the package is not installed here: the hint keeps its [bm3d]
+        result = cli("denoise", source, tmp_path / "out3", "--model", "bm3d")
+        assert result.exit_code == 2 and "ldct-cli[bm3d]" in result.stderr, (exc, result.stderr)
