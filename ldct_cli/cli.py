@@ -167,10 +167,11 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
                   "slices finished of this one are kept, hidden; run the same command again to continue",
                   markup=False)
         raise typer.Exit(_interrupted_exit_code())
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
     except LdctError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
+        code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+        if json_out:  # a pipeline reading stdout gets an answer too
+            typer.echo(json.dumps({"version": __version__, "error": str(exc), "exit_code": code}, indent=2))
+        raise _fail(str(exc), code)
 
     for path, reason in summary.skipped_files:
         err.print(f"skipped {path}: {reason}", markup=False, soft_wrap=True)
@@ -186,7 +187,8 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
     n_failed = sum(r.status == "failed" for r in summary.series) + len(summary.failed_files)
     if json_out:
         payload = {"version": __version__, "input": str(input_path), "output": str(output_dir),
-                   **dict(derivation.settings), **summary.to_json()}
+                   **{key: _setting_value(value) for key, value in derivation.settings},
+                   **summary.to_json()}
         typer.echo(json.dumps(payload, indent=2))
     elif not quiet:
         err.print(f"{done} series written to {output_dir}, "
@@ -405,6 +407,16 @@ def _shown_folder(folder: str, root: Path) -> str:
     except ValueError:
         return folder
     return str(rel) if str(rel) != "." else root.name
+
+
+def _setting_value(text: str):
+    """A derivation setting for JSON: numbers as numbers ("0.25" -> 0.25), words as they are."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _strength(text: str) -> float | None:

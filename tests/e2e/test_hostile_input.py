@@ -101,3 +101,15 @@ def test_square_brackets_in_paths_and_labels_are_text_not_markup(tmp_path, cli, 
     except Exception as exc:  # the package is not installed here: the hint keeps its [bm3d]
         result = cli("denoise", source, tmp_path / "out3", "--model", "bm3d")
         assert result.exit_code == 2 and "ldct-cli[bm3d]" in result.stderr, (exc, result.stderr)
+
+
+def test_json_mode_answers_usage_errors_with_json(tmp_path, cli):
+    write_series(tmp_path / "in", SeriesSpec(n_slices=1))
+    result = cli("denoise", tmp_path / "in", tmp_path / "in" / "out", "--model", "nlm", "--json")
+    assert result.exit_code == 2
+    payload = json.loads(result.stdout)
+    assert payload["exit_code"] == 2 and "OUT is inside IN" in payload["error"]
+    done = cli("denoise", tmp_path / "in", tmp_path / "out", "--model", "nlm", "--strength", "30", "--json",
+               "--quiet")
+    payload = json.loads(done.stdout)
+    assert payload["blend"] == 0.0 and payload["strength_hu"] == 30.0  # numbers, not strings

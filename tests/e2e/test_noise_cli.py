@@ -83,7 +83,7 @@ def test_simulate_is_scan_matched_by_default(study, cli, tmp_path):
                 "--json", "--quiet", "--device", "cpu")
     assert fixed.exit_code == 0, fixed.output
     payload = json.loads(fixed.stdout)
-    assert payload["i0"] == "100000.0" and payload["recon_filter"] == "hann"
+    assert payload["i0"] == 100000.0 and payload["recon_filter"] == "hann"
     assert payload["series"][0]["measured"] is None
     ds_fixed = _first_file(tmp_path / "fixed")
     assert "I0 1e+05 photons/ray" in ds_fixed.DerivationDescription
@@ -112,7 +112,7 @@ def test_nlm_strength_follows_each_series_noise(tmp_path, cli):
     fixed = cli("denoise", tmp_path / "in", tmp_path / "fixed", "--model", "nlm", "--strength", "35", "--json",
                 "--quiet")
     payload = json.loads(fixed.stdout)
-    assert payload["strength_hu"] == "35.0" and payload["series"][0]["measured"] is None
+    assert payload["strength_hu"] == 35.0 and payload["series"][0]["measured"] is None
 
 
 def test_prepare_spreads_textures_around_each_scans_own(study, cli, tmp_path):
