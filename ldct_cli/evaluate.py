@@ -145,6 +145,8 @@ def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
 
 def load_input(folder: Path, label: str | None = None) -> list[InputSeries]:
     """Every CT series under ``folder`` (usually one), with what pairing needs."""
+    if not Path(folder).exists():
+        raise UsageError(f"{folder}: no such file or folder")
     found = discover(folder)
     if not found.series:
         raise UsageError(f"{folder}: no CT series found")

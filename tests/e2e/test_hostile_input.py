@@ -113,3 +113,8 @@ def test_json_mode_answers_usage_errors_with_json(tmp_path, cli):
                "--quiet")
     payload = json.loads(done.stdout)
     assert payload["blend"] == 0.0 and payload["strength_hu"] == 30.0  # numbers, not strings
+
+
+def test_evaluate_names_a_missing_folder(tmp_path, cli):
+    result = cli("evaluate", tmp_path / "nope")
+    assert result.exit_code == 2 and "nope: no such file or folder" in result.stderr
