@@ -682,6 +682,19 @@ def evaluate(
 RESUMABLE_KEYS = ("schedule.max_steps", "schedule.max_minutes", "device", "data.workers")
 
 
+def _same_as_saved(config_file: Path, key: str, value) -> bool:
+    """Whether a flag given with --resume repeats the run's saved value (a dotted ``key``)."""
+    try:
+        saved = json.loads(config_file.read_text())
+        for part in key.split("."):
+            saved = saved[part]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if key == "data.path":
+        return Path(str(saved)).resolve() == Path(str(value)).resolve()
+    return saved == value or str(saved) == str(value)
+
+
 def _set_values(items: list[str]) -> dict:
     """``--set section.key=value`` pairs; values are read as TOML (numbers, true, "text", [..])."""
     import tomllib
@@ -782,7 +795,8 @@ def train(
         flags.update(_set_values(set_values or []))
         given = {k: v for k, v in flags.items() if v is not None}
         if resume is not None:
-            changed = sorted(set(given) - set(RESUMABLE_KEYS))
+            changed = sorted(key for key in set(given) - set(RESUMABLE_KEYS)
+                             if not _same_as_saved(resume / CONFIG_FILE, key, given[key]))
             if model or config or changed or (out is not None and out != resume):
                 raise UsageError("--resume continues a run as it was configured; only --max-steps, "
                                  "--max-minutes, --device and --workers may change"

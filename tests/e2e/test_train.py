@@ -455,3 +455,15 @@ def test_redcnn_wgan_starts_from_a_redcnn_checkpoint(dataset, ct_weights, tmp_pa
     assert info.model == "redcnn_wgan" and info.training["init"]["tensors_sha256"] == source_info.tensors_sha256
     with pytest.raises(Exception, match="--init needs a checkpoint of redcnn_wgan"):
         train(_config("redcnn_wgan", dataset, ct_weights, **{**tiny, "model_kwargs.channels": 4}), tmp_path / "w2")
+
+
+def test_resume_accepts_flags_that_repeat_the_saved_values(dataset, cli, tmp_path):
+    run = tmp_path / "run"
+    flags = _set_flags({**FAST, **SMALL["redcnn"]})
+    first = cli("train", "--model", "redcnn", "--data", dataset, "--out", run, "--max-steps", "2",
+                "--val-every", "2", "--quiet", *flags)
+    assert first.exit_code == 0, first.output
+    again = cli("train", "--resume", run, "--data", dataset.resolve(), "--max-steps", "3", "--quiet")
+    assert again.exit_code == 0, again.output
+    other = cli("train", "--resume", run, "--data", tmp_path, "--max-steps", "4", "--quiet")
+    assert other.exit_code == 2 and "not data.path" in other.output
