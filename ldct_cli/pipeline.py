@@ -141,10 +141,35 @@ def _warm_up() -> None:
     import ldct_cli.dicom.write  # noqa: F401  (pydicom, numpy, the decoders)
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
     # Ctrl-C reaches the whole process group: only the main process handles it (and
     # removes partial output); workers finish or drop their task quietly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker when the main process dies, even by kill -9 or the OOM killer (which
+    no handler sees): the kernel's parent-death signal where Linux offers it, and a thread
+    that watches the parent's pid everywhere (a dead parent's children are re-parented)."""
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # already gone before the signal was set
+        os._exit(1)
+    threading.Thread(target=watch, name="ldct-parent-watch", daemon=True).start()
 
 
 def make_executor(workers: int) -> cf.Executor:
@@ -155,7 +180,7 @@ def make_executor(workers: int) -> cf.Executor:
     if workers == 0:
         return InlineExecutor()
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_worker_init)
+                                  initializer=_worker_init, initargs=(os.getpid(),))
     for _ in range(workers):
         pool.submit(_warm_up)
     return pool

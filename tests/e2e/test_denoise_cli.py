@@ -641,3 +641,44 @@ def test_two_runs_into_one_out_never_lose_slices(tmp_path, checkpoints):
     files = sorted(folder.iterdir())
     assert [p.name for p in files] == [f"{i:04d}.dcm" for i in range(1, 25)]
     assert len({pydicom.dcmread(p).SOPInstanceUID for p in files}) == 24
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_die_with_a_killed_parent(tmp_path, checkpoints):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_series(tmp_path / "in", SeriesSpec(rows=128, columns=128, n_slices=60))
+    process = subprocess.Popen([sys.executable, "-m", "ldct_cli", "denoise", str(tmp_path / "in"),
+                                str(tmp_path / "out"), "--weights", str(checkpoints["redcnn"]),
+                                "--batch-size", "1", "--workers", "2", "--quiet"],
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("out/.ldct-partial-*/0001.dcm")):
+        assert process.poll() is None and time.monotonic() < deadline, "never started writing"
+        time.sleep(0.05)
+    workers = [pid for pid in _children(process.pid)]
+    assert len(workers) >= 2
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+              for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their parent"
+        time.sleep(0.1)
