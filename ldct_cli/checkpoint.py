@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ldct_cli._version import __version__
-from ldct_cli.errors import CheckpointError
+from ldct_cli.errors import CheckpointError, UsageError
 from ldct_cli.fsutil import atomic_path
 from ldct_cli.models.normalization import HUNormalization
 
@@ -131,9 +131,12 @@ def read_checkpoint_info(path: Path | str) -> CheckpointInfo:
         if int(header["format_version"]) > FORMAT_VERSION:
             raise ValueError(f"format version {header['format_version']} is newer than this "
                              f"ldct-cli ({__version__}) can read")
+        from ldct_cli.models.registry import check_stored_kwargs, get_model_info
+
+        get_model_info(header["model"])  # an unknown name is a UsageError naming the registry's
         return CheckpointInfo(
             model=header["model"],
-            model_kwargs=dict(header["model_kwargs"]),
+            model_kwargs=check_stored_kwargs(header["model"], dict(header["model_kwargs"])),
             hu_norm=HUNormalization.from_dict(header["hu_norm"]),
             tensors_sha256=header["tensors_sha256"],
             tool_version=header["tool_version"],
@@ -144,6 +147,8 @@ def read_checkpoint_info(path: Path | str) -> CheckpointInfo:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad ldct-cli checkpoint header ({exc})") from None
+    except UsageError as exc:  # a model name the registry does not know
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def load_checkpoint(path: Path | str, *, device: str = "cpu"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -34,6 +35,15 @@ class HUNormalization:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __post_init__(self) -> None:
+        values = (self.offset_hu, self.scale_hu, self.hu_min, self.hu_max)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"HU normalization values must be finite numbers, got {values}")
+        if not self.scale_hu > 0:
+            raise ValueError(f"scale_hu must be > 0, got {self.scale_hu}")
+        if not self.hu_min < self.hu_max:
+            raise ValueError(f"hu_min must be below hu_max, got {self.hu_min} and {self.hu_max}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "HUNormalization":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -105,6 +106,36 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
         raise UsageError(f"model {name!r}: {exc}") from None
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+MAX_INT_KWARG = 4096  # widths, depths, kernel sizes: anything larger is not a model but a hazard
+
+
+def check_stored_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments read from a file (a checkpoint header), checked against the
+    registered class's signature before anything is built: known names only, each of its
+    default's type (bool, int, float, str), integers in [0, MAX_INT_KWARG], floats finite.
+    Raises ValueError naming the argument."""
+    cls = get_model_info(name).load_class()
+    parameters = inspect.signature(cls).parameters
+    for key, value in kwargs.items():
+        if key not in parameters:
+            raise ValueError(f"model {name!r} has no argument {key!r}")
+        default = parameters[key].default
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        kind = type(default)
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)
+                            or not 0 <= value <= MAX_INT_KWARG):
+            raise ValueError(f"{key}: expected an integer in [0, {MAX_INT_KWARG}], got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ValueError(f"{key}: expected text, got {value!r}")
+    return kwargs
 
 
 def create_model(name: str, **kwargs: Any):

@@ -604,3 +604,27 @@ def test_import_does_not_load_torch(module):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["model_kwargs"].update(channels=-8), "channels: expected an integer"),
+    (lambda h: h["model_kwargs"].update(channels=10**9), "channels: expected an integer"),
+    (lambda h: h["model_kwargs"].update(channels="96"), "channels: expected an integer"),
+    (lambda h: h["model_kwargs"].update(bogus=1), "has no argument 'bogus'"),
+    (lambda h: h["hu_norm"].update(scale_hu=0.0), "scale_hu must be > 0"),
+    (lambda h: h["hu_norm"].update(scale_hu=float("nan")), "finite numbers"),
+    (lambda h: h.update(model="unet"), "unknown model 'unet'"),
+])
+def test_checkpoint_headers_are_checked_before_anything_is_built(tmp_path, edit, message):
+    """A header's constructor arguments and HU normalization are validated against the
+    registry, so a crafted file gives one error instead of a hang, a MemoryError or blank output."""
+    from ldct_cli import create_model, load_checkpoint, save_checkpoint
+    from ldct_cli.checkpoint import read_checkpoint_info
+    from ldct_cli.errors import CheckpointError
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(create_model("redcnn", channels=8), path)
+    _rewrite_checkpoint(path, edit_header=lambda header, tensors: edit(header))
+    for read in (read_checkpoint_info, load_checkpoint):
+        with pytest.raises(CheckpointError, match=message):
+            read(path)
