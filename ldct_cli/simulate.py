@@ -6,6 +6,7 @@ turns it into derived DICOM series through the same streaming pipeline as ``deno
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,6 @@ class ScanMatched:
         return ScanMatched(self.simulator.for_series(sample))
 
     def adapt_to_series(self, series, derivation: Derivation):
-        import dataclasses
-
         fitted = self.fitted_to(series)
         return fitted, dataclasses.replace(derivation, description=f"{derivation.description}; {fitted.describe()}")
 
@@ -109,18 +108,12 @@ class ScanMatched:
             "i0": "matched" if sim.i0 is None else sim.i0,
             "recon_filter": sim.recon_filter,
             "texture_offset": sim.texture_offset,
-            "texture": None if sim.texture is None else dataclasses_asdict(sim.texture),
+            "texture": None if sim.texture is None else dataclasses.asdict(sim.texture),
             "noise_level_hu": sim.series_level_hu,
             "i0_per_slice": i0s,
             "i0_median": float(np.median(i0s)) if i0s else None,
             "slices_without_own_estimate": sum(1 for m in sim.matches if m.get("own") is False),
         }
-
-
-def dataclasses_asdict(value) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(value)
 
 
 def build_simulator(*, dose: float, i0: float | None = None, electronic_noise: float = 0.0,
