@@ -740,6 +740,9 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Generator learning rate.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate (and save) every N steps.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save the full state every N steps.")] = None,
+    keep_every: Annotated[Optional[int], typer.Option(
+        help="Also keep the generator of every Nth step (OUT/steps/step_NNNNNN.safetensors), "
+             "to choose a checkpoint afterwards on data the run never saw. Default: off.")] = None,
     perceptual: Annotated[Optional[str], typer.Option(
         help="Perceptual features: vgg19, vgg16 (need --vgg-weights) or ct (bundled). "
              "Default: the recipe's; 'auto' = the recipe's VGG (vgg19; vgg16 for cascade) with a "
@@ -787,7 +790,8 @@ def train(
     flags = {"data.path": str(data) if data is not None else None, "schedule.max_steps": max_steps,
              "schedule.max_minutes": max_minutes, "data.batch_size": batch_size,
              "data.patch_size": patch_size, "optimizer.lr": lr, "schedule.val_every": val_every,
-             "schedule.checkpoint_every": checkpoint_every, "loss.perceptual": perceptual,
+             "schedule.checkpoint_every": checkpoint_every, "schedule.keep_every": keep_every,
+             "loss.perceptual": perceptual,
              "vgg_weights": str(vgg_weights) if vgg_weights is not None else None, "seed": seed,
              "init": str(init) if init is not None else None,
              "device": device, "precision": precision, "data.workers": workers}

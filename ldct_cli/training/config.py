@@ -84,6 +84,9 @@ class ScheduleConfig:
     val_every: int = 500
     val_slices: int = 4  # full held-out slices scored at each validation
     checkpoint_every: int = 500
+    # Also keep the exported generator of every Nth step as steps/step_NNNNNN.safetensors
+    # (0: off), so a checkpoint can be chosen afterwards on data the run never saw.
+    keep_every: int = 0
     log_every: int = 10
     # Counted in validations without a new best PSNR (0: off). Reduce-on-plateau multiplies
     # both learning rates by plateau_factor after more than plateau_patience of them
@@ -291,8 +294,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad("data.patch_size >= 8, data.batch_size >= 1 and data.workers >= 0")
     if sched.max_steps < 1 or sched.val_every < 1 or sched.checkpoint_every < 1 or sched.log_every < 1:
         bad("schedule.max_steps, val_every, checkpoint_every and log_every must be at least 1")
-    if sched.max_minutes < 0 or sched.val_slices < 1:
-        bad("schedule.max_minutes >= 0 and schedule.val_slices >= 1")
+    if sched.max_minutes < 0 or sched.val_slices < 1 or sched.keep_every < 0:
+        bad("schedule.max_minutes >= 0, schedule.val_slices >= 1 and schedule.keep_every >= 0")
     if loss.n_critic < 1:
         bad("loss.n_critic must be at least 1")
     if loss.critic not in CRITICS:

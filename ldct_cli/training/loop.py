@@ -3,7 +3,8 @@
 A run folder holds ``config.json`` (the resolved config), ``state.pt`` (everything needed
 to continue: networks, optimizers, RNG states, step, best score), ``last.safetensors``
 and ``best.safetensors`` (generators that ``ldct denoise --weights`` loads as they are),
-``metrics.jsonl`` (one record per log, validation) and ``curves.png``.
+``metrics.jsonl`` (one record per log, validation) and ``curves.png``; with
+``schedule.keep_every`` N, ``steps/step_NNNNNN.safetensors`` every N steps as well.
 
 Exact resume: the patches of step ``s`` are a pure function of (seed, rank, s) (see
 ``data.PatchSampler``), the learning rate a function of ``s`` alone, and the torch RNG
@@ -43,6 +44,7 @@ LOG_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 BEST = "best.safetensors"
 LAST = "last.safetensors"
+STEPS_DIR = "steps"
 
 
 class TrainProgress(Protocol):
@@ -594,6 +596,10 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             save_checkpoint(exported, run_dir / LAST, training=training, config=config.to_dict())
             if kind_best:
                 save_checkpoint(exported, run_dir / BEST, training=training, config=config.to_dict())
+            if config.schedule.keep_every and step % config.schedule.keep_every == 0:
+                (run_dir / STEPS_DIR).mkdir(exist_ok=True)
+                save_checkpoint(exported, run_dir / STEPS_DIR / f"step_{step:06d}.safetensors",
+                                training=training, config=config.to_dict())
 
         max_steps = config.schedule.max_steps
         if progress is not None and dist_info.main:
@@ -673,7 +679,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
                         early_stop = _any_rank(early_stop, dist_info)
                         _barrier(dist_info)
                     halt = _any_rank(stop_request.requested or time.monotonic() > deadline, dist_info)
-                    if (validating or step % config.schedule.checkpoint_every == 0
+                    keep = config.schedule.keep_every
+                    if (validating or step % config.schedule.checkpoint_every == 0 or (keep and step % keep == 0)
                             or step == max_steps or halt or early_stop):
                         save(is_best, val)
                     if early_stop:

@@ -154,6 +154,18 @@ def test_ema_checkpoints_hold_the_moving_average_and_resume_exactly(dataset, ct_
     assert whole.step == 4
 
 
+def test_keep_every_keeps_loadable_generators_of_those_steps(dataset, ct_weights, tmp_path):
+    from ldct_cli.checkpoint import load_checkpoint
+
+    config = _config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 5, "schedule.keep_every": 2,
+                                                       "schedule.checkpoint_every": 100, "schedule.val_every": 100})
+    train(config, tmp_path / "run")
+    kept = sorted(p.name for p in (tmp_path / "run" / "steps").iterdir())
+    assert kept == ["step_000002.safetensors", "step_000004.safetensors"]
+    model, info = load_checkpoint(tmp_path / "run" / "steps" / kept[0])
+    assert info.training["step"] == 2 and info.model == "redcnn"
+
+
 def test_resume_drops_log_records_after_the_saved_step(dataset, ct_weights, tmp_path):
     config = _config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 3, "schedule.checkpoint_every": 2,
                                                        "schedule.val_every": 100})
