@@ -1,13 +1,16 @@
-"""The cascade of seed 002 (Ataei, Alirezaie, Babyn 2020): DRL with perceptual loss, then difference networks.
+"""The cascade of Ataei, Alirezaie and Babyn: DRL with perceptual loss, then difference networks.
+
+S. Ataei, J. Alirezaie, P. Babyn, "Cascaded Convolutional Neural Networks with Perceptual
+Loss for Low Dose CT Denoising", 2020.
 
 Level 1 is the DRL network (dilated residual learning with an edge-detection layer,
-Gholizadeh-Ansari et al., J. Digit. Imaging 2019; seed 002 Fig. 1), trained on the
-perceptual loss. Each further level is a CNN10 (Wu et al. 2017; seed 002 Fig. 4)
+Gholizadeh-Ansari et al., J. Digit. Imaging 2019; Ataei et al., Fig. 1), trained on the
+perceptual loss. Each further level is a CNN10 (Wu et al. 2017; Ataei et al., Fig. 4)
 trained with MSE to predict the difference between the previous level's output and
 the full dose; inference subtracts it. The ``cascade`` training recipe trains the
 levels in order, each with the ones before it frozen.
 
-Seed 002 gives DRL only as a figure. Its text fixes the parts and the size: a
+Ataei et al. give DRL only as a figure. Its text fixes the parts and the size: a
 non-trainable edge layer (horizontal, vertical and two diagonal edges), dilated 3x3
 convolutions of 64 filters, shortcut connections from early to late layers, and
 225,601 parameters. The layout here has exactly that count: the image and its four

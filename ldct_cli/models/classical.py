@@ -1,4 +1,7 @@
-"""Classical, weight-free denoisers (seed 000 §2.2.1): non-local means, total variation, BM3D.
+"""Classical, weight-free denoisers: non-local means, total variation, BM3D.
+
+The baselines of Lalithnarayan, Somayaji and Shaikh, "Denoising of Low Dose CT Images Using
+Generative Models", §2.2.1.
 
 They take the trained models' place in ``ldct denoise --model NAME`` and
 ``ldct evaluate --model NAME``: called on ``(B, 1, H, W)`` HU stacks, they return

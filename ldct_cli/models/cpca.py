@@ -4,16 +4,17 @@ Four 3x3 convolutions (stride 1, no padding, ReLU) shrink the image by 1 px per 
 each; four 3x3 transposed convolutions grow it back. After each of the first three
 transposed convolutions the feature maps are concatenated with the encoder's maps of the
 same size (conv3, conv2, conv1: the "contracting path") and a 1x1 convolution takes the 64
-maps back to 32 (seed 003, "Network Parameters"). 32 maps everywhere but the output; ReLU
-after every layer, the last one included, so the output is a non-negative image in [0, 1]
-model units. With one input slice the network has 62,337 parameters.
+maps back to 32 (Shan et al., "Transfer Learning for Low-Dose CT Denoising", "Network
+Parameters"). 32 maps everywhere but the output; ReLU after every layer, the last one
+included, so the output is a non-negative image in [0, 1] model units. With one input slice the network has 62,337 parameters.
 
 2.5D/3D (CPCA-k, k = 3, 5, 7 adjacent slices): the k slices are a depth axis and the first
 (k - 1) / 2 convolutions become 3x3x3 convolutions without depth padding, each using up two
 planes, so that the depth is 1 when the 2D layers take over. A trained 2D model initialises
-the 3D one with ``inflate_from`` (seed 003, "2D filter to 3D filter"): each 3D kernel gets
-the 2D kernel on its centre plane and zeros elsewhere, which makes the 3D network compute
-exactly what the 2D one does on the centre slice before fine-tuning starts.
+the 3D one with ``inflate_from`` (Shan et al., "Transfer Learning for Low-Dose CT Denoising",
+"2D filter to 3D filter"): each 3D kernel gets the 2D kernel on its centre plane and zeros
+elsewhere, which makes the 3D network compute exactly what the 2D one does on the centre
+slice before fine-tuning starts.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class CPCA(nn.Module):
         return torch.relu(self.decoder[3](out))
 
     def inflate_from(self, source: CPCA) -> None:
-        """Initialise this model from a trained 2D CPCA (seed 003's 2D-to-3D transfer).
+        """Initialise this model from a trained 2D CPCA (the 2D-to-3D transfer of
+        Shan et al., "Transfer Learning for Low-Dose CT Denoising").
 
         Every 3x3x3 kernel B gets B[:, :, 1] = H (the 2D kernel) and zeros on the other two
         depth planes; biases and 2D layers are copied. The copy then computes, on a k-slice

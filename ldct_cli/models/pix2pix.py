@@ -1,9 +1,12 @@
-"""Pix2Pix U-Net generator (Isola et al., CVPR 2017; seed 000 §8.3.1).
+"""Pix2Pix U-Net generator (Isola et al., CVPR 2017).
+
+As Lalithnarayan, Somayaji and Shaikh build it in "Denoising of Low Dose CT Images Using
+Generative Models", §8.3.1.
 
 Encoder: 4x4 stride-2 convolutions, LeakyReLU(0.2), BatchNorm (not on the first layer).
 Decoder: 4x4 stride-2 transposed convolutions, ReLU, BatchNorm, dropout 0.5 in the first
 ``n_dropout`` (innermost) decoder blocks; each decoder block's output is concatenated
-with the mirror encoder block's. tanh output in [-1, 1]. Seed 000 uses 7 down / 7 up.
+with the mirror encoder block's. tanh output in [-1, 1]. Lalithnarayan et al. use 7 down / 7 up.
 
 As in the authors' reference code, the innermost (bottleneck) convolution has no
 BatchNorm: with batch size 1 and a 1x1 bottleneck it would zero the activations.

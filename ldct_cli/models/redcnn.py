@@ -2,7 +2,8 @@
 
 Five 5x5 convolutions (stride 1, no padding, ReLU) shrink the image by 4 px per side
 each; five 5x5 transposed convolutions grow it back. Three shortcuts add the input of
-conv1, conv3 and conv5 to the outputs of deconv5, deconv3 and deconv1 (seed 000 §6.2.3).
+conv1, conv3 and conv5 to the outputs of deconv5, deconv3 and deconv1 (Lalithnarayan,
+Somayaji and Shaikh, "Denoising of Low Dose CT Images Using Generative Models", §6.2.3).
 With 96 channels the network has 1,848,865 parameters.
 """
 

@@ -232,7 +232,8 @@ register_model(ModelInfo(
 
 
 def _register_classical(name: str, cls: str, title: str, paper: str) -> None:
-    """A weight-free filter of seed 000's sec. 2.2.1: works in HU, nothing to train."""
+    """A weight-free filter of sec. 2.2.1 of Lalithnarayan, Somayaji and Shaikh, "Denoising of
+    Low Dose CT Images Using Generative Models": works in HU, nothing to train."""
     register_model(ModelInfo(name=name, target=f"ldct_cli.models.classical:{cls}", title=title,
                              paper=f"{paper} (a classical baseline of seed 000, sec. 2.2.1)",
                              hu_norm=None, kind="classical", recipe="none"))

@@ -1,4 +1,8 @@
-"""WGAN-VGG generator (Yang et al., IEEE TMI 2018; seed 000 §7.7.1, seed 001 §5.1).
+"""WGAN-VGG generator (Yang et al., IEEE TMI 2018).
+
+As described in Lalithnarayan, Somayaji and Shaikh, "Denoising of Low Dose CT Images Using
+Generative Models", §7.7.1, and Mbouwe, Mehdaoui and Zeddoun, "Low-Dose CT Image Denoising",
+§5.1.
 
 Eight 3x3 convolutions, stride 1, zero padding 1 so the image keeps its size; 32 filters
 in the first seven, one in the last; ReLU after every layer (the output is a non-negative

@@ -53,12 +53,15 @@ class LossConfig:
     adversarial_weight: float = 0.0
     gradient_penalty: float = 10.0  # WGAN-GP's lambda
     n_critic: int = 4  # critic updates per generator update (WGAN-GP)
-    critic: str = "wgan"  # WGAN-GP's critic: "wgan" (Yang et al.) or "simple_cnn" (seed 004)
+    # WGAN-GP's critic: "wgan" (Yang et al.) or "simple_cnn" (Ryu, "LDCT Denoising With
+    # REDCNN & WGAN-GP")
+    critic: str = "wgan"
     # The unit the generator's pixel and WGAN terms (and their logged values) are measured
     # in: "model", the network's normalized intensities, or "hu" (1 unit = 1 HU: MSE in HU²,
     # L1 in HU, the critic's score as a 1-Lipschitz function of HU). A squared error and a
     # 1-Lipschitz critic scale differently with the unit (by u² and u), so weights that
-    # balance them, like seed 004's 0.95 / 0.05, mean something only with their unit.
+    # balance them, like the 0.95 / 0.05 of Ryu, "LDCT Denoising With REDCNN & WGAN-GP",
+    # mean something only with their unit.
     units: str = "model"
 
 

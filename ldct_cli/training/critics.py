@@ -59,11 +59,11 @@ class WganCritic(nn.Module):
 
 
 class SimpleCnnCritic(nn.Module):
-    """The WGAN-GP critic of seed 004 (RED-CNN + WGAN-GP): (B, C, P, P) -> (B,) scores.
+    """The WGAN-GP critic of Ryu, "LDCT Denoising With REDCNN & WGAN-GP": (B, C, P, P) -> (B,).
 
     Five convolutions, 3x3/64 s1, 5x5/128 s3, 3x3/128 s1, 5x5/128 s3, 3x3/1 (padding 1,
     1, 1, 1, 0), LeakyReLU(0.2) between them; no normalization, no sigmoid. The last map
-    (5x5 for 64-pixel patches) is averaged into one score per patch, the mean the seed's
+    (5x5 for 64-pixel patches) is averaged into one score per patch, the mean that work's
     losses take. Fully convolutional: any patch of 31 pixels or more.
     """
 

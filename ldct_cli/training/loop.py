@@ -96,7 +96,8 @@ def _set_lr(optimizer: torch.optim.Optimizer | None, opt: OptimizerConfig, step:
 @dataclass
 class Plateau:
     """Reduce-on-plateau and early stopping, counted in validations without a new best PSNR
-    (seed 004's RED-CNN + WGAN-GP: factor 0.5, patience 4; early stopping, patience 6)."""
+    (Ryu, "LDCT Denoising With REDCNN & WGAN-GP": factor 0.5, patience 4;
+    early stopping, patience 6)."""
 
     lr_scale: float = 1.0
     since_reduce: int = 0
@@ -272,7 +273,8 @@ def _adam(params, opt: OptimizerConfig) -> torch.optim.Adam:
 def _warm_start(generator: torch.nn.Module, config: TrainConfig) -> dict[str, Any]:
     """Load ``config.init``'s weights into the fresh generator: the same network (the same model,
     or another registered on the same class) and kwargs, or, for a model that can
-    ``inflate_from`` (CPCA, seed 003), a 2D checkpoint into its 2.5D form."""
+    ``inflate_from`` (CPCA, Shan et al., "Transfer Learning for Low-Dose CT Denoising"),
+    a 2D checkpoint into its 2.5D form."""
     from ldct_cli.checkpoint import load_checkpoint
 
     source, info = load_checkpoint(config.init)  # checksum verified; builds what the file describes

@@ -105,8 +105,10 @@ class VggFeatures(_FrozenExtractor):
     """Frozen VGG feature maps: (B, 1, H, W) CT in [0, 1] -> features of one or several convolutions.
 
     ``layer`` names a convolution (Yang et al., TMI 2018: conv5_4 of VGG19, which is
-    ``features[:35]``), or several, comma-separated (seed 002: the last conv of VGG16's
-    blocks 1-4, ``conv1_2,conv2_2,conv3_3,conv4_3``). Each is taken before its ReLU.
+    ``features[:35]``), or several, comma-separated (Ataei, Alirezaie and Babyn, "Cascaded
+    Convolutional Neural Networks with Perceptual Loss for Low Dose CT Denoising": the last
+    conv of VGG16's blocks 1-4, ``conv1_2,conv2_2,conv3_3,conv4_3``). Each is taken before
+    its ReLU.
     One layer gives a tensor, several a list. The state-dict keys are torchvision's
     (``features.0.weight``, ...). Built with random weights; ``perceptual_extractor``
     loads the ImageNet ones.
@@ -306,8 +308,9 @@ class CtFeatures(_FrozenExtractor):
 class PerceptualLoss(nn.Module):
     """Feature-space MSE, L_VGG of Yang et al. (TMI 2018): ||phi(a) - phi(b)||_F^2 / (w h d), batch mean.
 
-    With an extractor that returns several feature maps (seed 002, eq. 3) the loss is the
-    sum over them of that normalised distance.
+    With an extractor that returns several feature maps (Ataei, Alirezaie and Babyn,
+    "Cascaded Convolutional Neural Networks with Perceptual Loss for Low Dose CT Denoising",
+    eq. 3) the loss is the sum over them of that normalised distance.
     """
 
     def __init__(self, extractor: nn.Module):

@@ -197,8 +197,9 @@ def cascade_stage(step: int, stage_steps: tuple[int, ...]) -> int:
 
 
 def cascade_step(parts: Parts, config: TrainConfig, low: torch.Tensor, full: torch.Tensor) -> dict[str, float]:
-    """Seed 002's cascade, one level at a time: the DRL network on the configured loss
-    (perceptual + pixel), then each difference network on MSE to ``previous - full``,
+    """The cascade of Ataei, Alirezaie and Babyn, "Cascaded Convolutional Neural Networks
+    with Perceptual Loss for Low Dose CT Denoising", one level at a time: the DRL network on
+    the configured loss (perceptual + pixel), then each difference network on MSE to ``previous - full``,
     the levels before it frozen; inference subtracts each predicted difference."""
     net = parts.generator
     stage = cascade_stage(parts.step, config.schedule.stage_steps)
