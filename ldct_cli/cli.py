@@ -17,6 +17,7 @@ from rich.markup import escape
 from ldct_cli._version import __version__
 from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.models.registry import get_model_info, list_models
+from ldct_cli.training.config import PERCEPTUAL, PRECISIONS as TRAIN_PRECISIONS
 
 app = typer.Typer(
     name="ldct",
@@ -32,6 +33,20 @@ err = Console(stderr=True, highlight=False)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Decoding and encoding scale with cores; beyond 4 the model is the bottleneck anyway.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _one_of(*values: str) -> str:
+    """An option's values as its --help metavar, the way typer shows a choice: <a|b|c>."""
+    return "<" + "|".join(values) + ">"
+
+
+# Checked by the library (one-line errors); listed here for --help, which must not import
+# torch or pydicom to say so (tests/e2e/test_cli_output.py checks they agree with the library).
+DEVICES = _one_of("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = _one_of("fp32", "bf16", "fp16")
+TRANSFER_SYNTAXES = _one_of("explicit", "keep")
+FILTERS = _one_of("ramp", "shepp-logan", "hann", "gauss:TAU")
+WINDOW_PRESETS = _one_of("redcnn", "full", "abdomen", "chest", "head")
 
 
 def _version(value: bool) -> None:
@@ -69,11 +84,14 @@ def denoise(
         "--weights", "-w", help="A checkpoint file (.safetensors), or an `ldct train` run folder "
                                 "(its best checkpoint).")] = None,
     strength: Annotated[str, typer.Option(
+        metavar=_one_of("auto", "HU"),
         help="Classical filters only: auto (a factor times each series' measured noise SD: NLM's h "
              "0.9 SD, the TV weight 0.6 SD, BM3D's sigma 1 SD), or a fixed value in HU.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(
+        metavar=DEVICES, help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Slices (or tiles) per forward pass.")] = 4,
     precision: Annotated[str, typer.Option(
+        metavar=PRECISIONS,
         help="fp32, bf16 or fp16. Reduced precision uses CUDA autocast; on a CPU it is always fp32.")] = "fp32",
     tile: Annotated[Optional[int], typer.Option(
         help="Process slices in tiles of this many pixels (overlapping, blended without seams) "
@@ -82,6 +100,7 @@ def denoise(
         help="Output = (1-B)*denoised + B*input. 0.3 keeps some CT texture (cascade paper); "
              "1 writes the input's pixels unchanged (the I/O path alone).")] = 0.0,
     transfer_syntax: Annotated[str, typer.Option(
+        metavar=TRANSFER_SYNTAXES,
         help="explicit: Explicit VR Little Endian. keep: keep a lossless input syntax "
              "(RLE, JPEG-LS, JPEG 2000, Deflated); JPEG Lossless becomes JPEG-LS lossless.")] = "explicit",
     series_number_offset: Annotated[int, typer.Option(
@@ -94,6 +113,9 @@ def denoise(
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON summary on stdout (per series: input, output, slices, "
                        "seconds, status, error).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the series a run would write or skip (and why), with their slices "
+                          "and output folders; write nothing. The model and options are checked.")] = False,
 ) -> None:
     """Denoise every CT series under IN; write one new derived DICOM series per input series.
 
@@ -109,11 +131,13 @@ def denoise(
 
       ldct denoise study/ out/ --weights runs/redcnn
 
-      ldct denoise export/ out/ --model pix2pix --device cuda --batch-size 16
+      ldct denoise export/ out/ --model redcnn --device cuda --batch-size 16
 
       ldct denoise big.dcm out/ --weights redcnn.safetensors --tile 256 --json
 
       ldct denoise study/ out_nlm/ --model nlm --strength 100
+
+      ldct denoise archive/ out/ --model redcnn --dry-run
     """
     from ldct_cli.api import build_denoiser
     from ldct_cli.pipeline import DenoiseOptions
@@ -126,10 +150,72 @@ def denoise(
     if model is not None and weights is None:
         _warn_below_bar(model)
 
-    _run_pipeline(input_path, output_dir, build=build, quiet=quiet, json_out=json_out,
-                  options=lambda: DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax,
-                                                 series_number_offset=series_number_offset,
-                                                 overwrite=overwrite, workers=workers))
+    def options():
+        return DenoiseOptions(blend=blend, transfer_syntax=transfer_syntax, overwrite=overwrite,
+                              series_number_offset=series_number_offset, workers=workers)
+
+    if dry_run:
+        _dry_run(input_path, output_dir, build=build, options=options, json_out=json_out)
+    _run_pipeline(input_path, output_dir, build=build, quiet=quiet, json_out=json_out, options=options)
+
+
+def _dry_run(input_path: Path, output_dir: Path, *, build, options, json_out: bool) -> None:
+    """``denoise --dry-run``: what a run would do with each series found, writing nothing.
+
+    The run's own rules: its output folder, skipped when complete (unless --overwrite);
+    files skipped or failed at discovery. Exits as the run would (1: a file failed or no
+    CT series).
+    """
+    from ldct_cli.dicom.read import discover
+    from ldct_cli.fsutil import complete_slices, is_within
+    from ldct_cli.pipeline import ALREADY_COMPLETE, RunSummary, SeriesResult, output_folder
+
+    try:
+        opts = options()
+        if not input_path.exists():
+            raise UsageError(f"{input_path}: no such file or folder")
+        root = input_path if input_path.is_dir() else input_path.parent
+        if is_within(output_dir, root) or is_within(input_path, output_dir):
+            raise UsageError(f"{output_dir}: OUT and IN ({input_path}) must not lie inside each other")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UsageError(f"{output_dir}: exists and is not a folder")
+        _, derivation = build(opts)  # as the run does: unknown models, bad weights fail here
+        found = discover(input_path)
+    except LdctError as exc:
+        code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+        if json_out:
+            typer.echo(json.dumps({"version": __version__, "error": str(exc), "exit_code": code}, indent=2))
+        raise _fail(str(exc), code)
+    summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
+                         failed_files=[(str(p), r) for p, r in found.failed])
+    for series in found.series:
+        uid = derivation.uid("series", series.key)
+        final = output_folder(series, input_path, output_dir, derivation, uid)
+        complete = len(complete_slices(final, series.n_slices)) == series.n_slices and not opts.overwrite
+        summary.series.append(SeriesResult(
+            input=str(series.folder), output=str(final), series_uid=series.series_uid, output_series_uid=uid,
+            slices=series.n_slices, status="skipped" if complete else "would write",
+            error=ALREADY_COMPLETE if complete else None))
+    if json_out:
+        typer.echo(json.dumps({"version": __version__, "dry_run": True, "input": str(input_path),
+                               "output": str(output_dir), **summary.to_json()}, indent=2))
+        raise typer.Exit(summary.exit_code)
+    _print_table(["series", "slices", "would", "output folder (in OUT)"],
+                 [[_shown_folder(r.input, input_path), str(r.slices),
+                   "skip: complete" if r.status == "skipped" else "write",
+                   str(Path(r.output).relative_to(output_dir))] for r in summary.series],
+                 text_columns=("series", "would", "output folder (in OUT)"),
+                 caption=f"dry run: nothing written; {sum(r.status != 'skipped' for r in summary.series)} "
+                         f"of {len(summary.series)} series would be written to {output_dir}"
+                         + ("; complete ones are skipped (--overwrite writes them again)"
+                            if any(r.status == "skipped" for r in summary.series) else ""))
+    for path, reason in summary.skipped_files:
+        err.print(f"would skip {path}: {reason}", markup=False, soft_wrap=True)
+    for path, reason in summary.failed_files:
+        err.print(f"[red]would fail[/red] {escape(str(path))}: {escape(reason)}", soft_wrap=True)
+    if not summary.series:
+        err.print(f"[yellow]no CT series found in {escape(str(input_path))}[/yellow]")
+    raise typer.Exit(summary.exit_code)
 
 
 def _warn_below_bar(model: str) -> None:
@@ -210,8 +296,9 @@ def simulate(
         help="Photons per ray at full dose for every slice (default: matched per slice to the "
              "slice's own measured noise, so --dose is a fraction of that scan's dose).")] = None,
     recon_filter: Annotated[Optional[str], typer.Option(
-        "--filter", help="FBP window of the inserted noise: ramp, shepp-logan, hann or gauss:TAU "
-                         "(default: fitted to each series' measured noise texture; see ldct noise).")] = None,
+        "--filter", metavar=FILTERS,
+        help="FBP window of the inserted noise: ramp, shepp-logan, hann or gauss:TAU "
+             "(default: fitted to each series' measured noise texture; see ldct noise).")] = None,
     texture_offset: Annotated[float, typer.Option(
         help="Shift the fitted window's TAU by this much: negative sharper, positive softer "
              "(a kernel near the scan's own; not with --filter).")] = 0.0,
@@ -219,9 +306,11 @@ def simulate(
         help="Electronic noise per ray: its standard deviation in detector counts (0: none).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the noise: the same seed gives the same series.")] = 0,
     views: Annotated[int, typer.Option(help="Projection views over 180 degrees (parallel beam).")] = 720,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(
+        metavar=DEVICES, help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Slices per batch.")] = 4,
-    transfer_syntax: Annotated[str, typer.Option(help="explicit or keep (as for denoise).")] = "explicit",
+    transfer_syntax: Annotated[str, typer.Option(
+        metavar=TRANSFER_SYNTAXES, help="explicit or keep (as for denoise).")] = "explicit",
     series_number_offset: Annotated[int, typer.Option(
         help="Output Series Number = input Series Number + this.")] = 2000,
     overwrite: Annotated[bool, typer.Option(help="Write complete series again.")] = False,
@@ -275,7 +364,8 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Seed: anatomy variations and noise.")] = 0,
     dose: Annotated[Optional[float], typer.Option(
         help="Also write a matched simulated low-dose series at this dose fraction, e.g. 0.25.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (for the noise simulation).")] = "auto",
+    device: Annotated[str, typer.Option(
+        metavar=DEVICES, help="auto, cpu, cuda or cuda:N (for the noise simulation).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing phantom in OUT.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No messages.")] = False,
 ) -> None:
@@ -436,6 +526,32 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _print_table(header: list[str], rows: list[list[str]], *, text_columns=(), title: str = "",
+                 caption: str = "", fit: bool = True) -> None:
+    """A table on stdout that fits the terminal: text columns wrap, numbers are right-aligned
+    and never broken (headers wrap instead); every cell is escaped (labels are not markup).
+    ``fit=False``: as wide as the table needs, wider than the terminal if need be."""
+    from rich import box
+    from rich.measure import Measurement
+    from rich.table import Table as RichTable
+
+    table = RichTable(title=escape(title), caption=escape(caption), box=box.SIMPLE_HEAD,
+                      caption_justify="left")
+    for k, name in enumerate(header):
+        if name in text_columns:  # these share what the numbers leave
+            table.add_column(escape(name), overflow="fold")
+        else:  # as wide as the longest number or header word: numbers stay whole
+            width = max([len(str(row[k])) for row in rows] + [len(word) for word in name.split()])
+            table.add_column(escape(name), justify="right", width=width)
+    for row in rows:
+        table.add_row(*(escape(str(cell)) for cell in row))
+    out = Console(highlight=False)
+    if not fit:
+        needed = Measurement.get(out, out.options.update_width(10_000), table).maximum
+        out = Console(highlight=False, width=max(out.width, needed))
+    out.print(table)
+
+
 @app.command()
 def prepare(
     dataset: Annotated[Path, typer.Argument(metavar="DATASET", help="Dataset folder to create.")],
@@ -452,8 +568,9 @@ def prepare(
     i0: Annotated[Optional[float], typer.Option(
         help="With --simulate-dose: photons per ray at full dose (default: matched to each slice's noise).")] = None,
     recon_filter: Annotated[Optional[str], typer.Option(
-        "--filter", help="With --simulate-dose: FBP window of the noise, ramp, shepp-logan, hann or "
-                         "gauss:TAU (default: fitted to each series' noise texture).")] = None,
+        "--filter", metavar=FILTERS,
+        help="With --simulate-dose: FBP window of the noise, ramp, shepp-logan, hann or "
+             "gauss:TAU (default: fitted to each series' noise texture).")] = None,
     realizations: Annotated[int, typer.Option(
         help="With --simulate-dose: noise draws per dose, each a low-dose file of its own; training "
              "draws among them, so the network sees more noise than one draw per slice.")] = 1,
@@ -465,13 +582,15 @@ def prepare(
     spacing: Annotated[Optional[float], typer.Option(help="Resample in-plane to this pixel spacing (mm).")] = None,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
     split_by: Annotated[str, typer.Option(
-        help="case: whole cases per split; block: contiguous blocks of slices (for one or few patients).")] = "case",
+        metavar=_one_of("auto", "case", "block"),
+        help="case: whole cases per split; block: contiguous blocks of slices along z (for one or "
+             "few patients); auto: by case, or by block when there are fewer cases than splits.")] = "auto",
     gap: Annotated[int, typer.Option(help="With --split-by block: slices left out between blocks.")] = 4,
     patch_size: Annotated[int, typer.Option(help="Training patch size (recorded for ldct train).")] = 64,
     patches_per_slice: Annotated[int, typer.Option(help="Patches drawn per slice (recorded).")] = 16,
     min_body_fraction: Annotated[float, typer.Option(
         help="Patches with less body (HU > -500) than this are rejected when sampling (recorded).")] = 0.5,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (simulation).")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICES, help="auto, cpu, cuda or cuda:N (simulation).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing DATASET.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -550,10 +669,13 @@ def prepare(
         raise _fail(str(exc), EXIT_USAGE)
     except LdctError as exc:
         raise _fail(str(exc), EXIT_FAILED)
+    if manifest["split_settings"].get("note"):
+        err.print(f"note: {manifest['split_settings']['note']}", markup=False, soft_wrap=True)
     if not quiet:
         n = {name: sum(r["stop"] - r["start"] for r in ranges) for name, ranges in manifest["split"].items()}
         err.print(f"{dataset}: {len(manifest['cases'])} cases; slices train {n['train']}, "
-                  f"val {n['val']}, test {n['test']}", markup=False)
+                  f"val {n['val']}, test {n['test']} (split by {manifest['split_settings']['by']})",
+                  markup=False)
 
 
 @app.command()
@@ -564,6 +686,7 @@ def evaluate(
         help="Full-dose reference series (folder). Without it: reference-free metrics, each test "
              "series against the series it was derived from.")] = None,
     preset: Annotated[str, typer.Option(
+        metavar=WINDOW_PRESETS,
         help="Window and data range L for PSNR/SSIM: redcnn [-160,240] L=400, full [-1024,3071], "
              "abdomen, chest, head.")] = "redcnn",
     window: Annotated[Optional[str], typer.Option(help="Custom window LO,HI in HU (overrides --preset).")] = None,
@@ -572,7 +695,8 @@ def evaluate(
     label: Annotated[Optional[list[str]], typer.Option(
         help="Labels of the TEST_DIRs, in order (default: Series Description or folder name).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A `ldct prepare` dataset to score models on.")] = None,
-    split: Annotated[str, typer.Option(help="With --data: the split to score.")] = "test",
+    split: Annotated[str, typer.Option(
+        metavar=_one_of("train", "val", "test"), help="With --data: the split to score.")] = "test",
     dose: Annotated[Optional[float], typer.Option(
         help="With --data: which simulated dose of a variable-dose dataset to score "
              "(default: its first, primary dose).")] = None,
@@ -591,7 +715,9 @@ def evaluate(
     montage_slices: Annotated[int, typer.Option(help="Slices shown in each montage, spread along z.")] = 3,
     montage_z: Annotated[Optional[str], typer.Option(
         help="Show the slices nearest these positions instead, e.g. -120.5,-60 (mm along the normal).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICES, help="auto, cpu, cuda or cuda:N.")] = "auto",
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="Every column in the table (RMSE, NPS f_peak, CNR...), wider than 80 characters.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full results as JSON on stdout.")] = False,
 ) -> None:
     """Score denoised series: PSNR, SSIM, RMSE, noise, HU bias and NPS, as tables and pictures.
@@ -608,8 +734,6 @@ def evaluate(
 
       ldct evaluate --data dataset/ --split test --weights runs/redcnn --out report/
     """
-    from rich.table import Table as RichTable
-
     from ldct_cli import evaluate as ev
     from ldct_cli.metrics import get_window
 
@@ -665,13 +789,12 @@ def evaluate(
     if json_out:
         typer.echo(json.dumps(report, indent=2))
         return
-    header, rows = ev.summary_rows(report)
     s = report["settings"]
-    table = RichTable(*header, title=f"window {s['window_hu']} HU, L = {s['data_range_L']:g}; "
-                                     f"SSIM: {s['ssim_variant']}")
-    for row in rows:
-        table.add_row(*(escape(str(cell)) for cell in row))  # labels are text, never markup
-    Console().print(table)
+    _print_table(*ev.summary_rows(report, wide=wide), text_columns=ev.TEXT_COLUMNS,
+                 title=f"mean ± SD over slices; window [{s['window_hu'][0]:g}, {s['window_hu'][1]:g}] HU, "
+                       f"L = {s['data_range_L']:g}",
+                 caption=f"SSIM: {s['ssim_variant']}" + ("" if wide else "; all columns: --wide, or the "
+                                                         "CSV files of --out"), fit=not wide)
     for series in report["series"]:
         for note in series["notes"]:
             err.print(f"note: {series['label']}: {note}", markup=False)
@@ -744,6 +867,7 @@ def train(
         help="Also keep the generator of every Nth step (OUT/steps/step_NNNNNN.safetensors), "
              "to choose a checkpoint afterwards on data the run never saw. Default: off.")] = None,
     perceptual: Annotated[Optional[str], typer.Option(
+        metavar=_one_of(*PERCEPTUAL),
         help="Perceptual features: vgg19, vgg16 (need --vgg-weights) or ct (bundled). "
              "Default: the recipe's; 'auto' = the recipe's VGG (vgg19; vgg16 for cascade) with a "
              "VGG file, else ct.")] = None,
@@ -753,8 +877,9 @@ def train(
         help="Warm start: begin from this checkpoint (or run folder's best) of the same model, "
              "e.g. a CNN-MSE run before WGAN-VGG. Recorded in the checkpoints.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, patches and noise.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar=DEVICES, help="auto, cpu, cuda or cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option(
+        metavar=_one_of(*TRAIN_PRECISIONS),
         help="auto (bf16 on CUDA when supported), fp32, bf16, fp16. The CPU trains in fp32.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader processes drawing patches.")] = None,
     set_values: Annotated[Optional[list[str]], typer.Option(
@@ -849,26 +974,40 @@ def train(
 
 @app.command()
 def models(
+    name: Annotated[Optional[str], typer.Argument(
+        metavar="[NAME]", help="One model in detail: its paper, training data and held-out scores.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable list, with each bundled "
                                                           "checkpoint's whole manifest entry.")] = False,
 ) -> None:
-    """List every registered model: what it is, its paper, and its bundled weights.
+    """List every registered model: its kind, whether weights are bundled, their held-out score.
 
-    For bundled weights: what they were trained on and their scores on held-out real CT
-    (simulated quarter dose, [-160, 240] HU), with the quality bar of the README checked.
-    Generators denoise (`ldct denoise --model NAME`); the "features" network is the CT
-    perceptual-loss extractor that `ldct train` uses.
+    The score is PSNR on held-out real CT (simulated quarter dose, [-160, 240] HU), its
+    gain over the low-dose input, and whether the quality bar of the README is met.
+    `ldct models NAME` says what the model is, its paper, what its weights were trained on
+    and every held-out score. Generators denoise (`ldct denoise --model NAME`); the
+    "features" network is the CT perceptual-loss extractor that `ldct train` uses.
 
-    Example: ldct models --json
+    Examples:
+
+      ldct models
+
+      ldct models redcnn
+
+      ldct models --json
     """
     from ldct_cli.bundled import bundled_checkpoint, read_manifest, weights_dir
 
     try:
+        if name is not None:
+            get_model_info(name)
         manifest = read_manifest()
+    except UsageError as exc:
+        raise _fail(str(exc), EXIT_USAGE)
     except LdctError as exc:
         raise _fail(str(exc), EXIT_FAILED)
     rows, damaged = [], False
-    for name in list_models(None):
+    names = [name] if name is not None else list_models(None)
+    for name in names:
         info = get_model_info(name)
         entry = manifest.get(name)
         row = {"name": name, "kind": info.kind, "recipe": info.recipe, "objective": info.objective,
@@ -885,21 +1024,45 @@ def models(
             row["bundled"] = entry.record
         rows.append(row)
     if json_out:
-        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, ensure_ascii=False))
+    elif len(rows) > 1:
+        _print_table(["name", "kind", "bundled", "held-out PSNR (dB)", "gain (dB)", "quality bar"],
+                     [[row["name"], row["kind"], *_score_cells(row)] for row in rows],
+                     text_columns=("name", "kind", "bundled", "quality bar"),
+                     caption=f"weights folder: {weights_dir()}; details: ldct models NAME")
     else:
+        import textwrap
+
+        [row] = rows
         out = Console(highlight=False)
-        out.print(f"weights folder: {weights_dir()}", markup=False)
-        for row in rows:
-            about = (f"{row['kind']}, {row['objective']}, recipe {row['recipe']}"
-                     if row["kind"] != "classical" else "classical filter")
-            if row["variant_of"]:
-                about += f"; a variant of {row['variant_of']}"
-            out.print(f"\n[bold]{escape(row['name'])}[/bold] ({escape(about)}): {escape(row['title'])}")
-            out.print(f"  paper: {row['paper']}", markup=False)
-            for line in _bundled_lines(row):
-                out.print(f"  {line}", markup=False)
+        about = (f"{row['kind']}, {row['objective']}, recipe {row['recipe']}"
+                 if row["kind"] != "classical" else "classical filter")
+        if row["variant_of"]:
+            about += f"; a variant of {row['variant_of']}"
+        out.print(f"[bold]{escape(row['name'])}[/bold] ({escape(about)}): {escape(row['title'])}")
+        for line in [f"paper: {row['paper']}", *_bundled_lines(row), f"weights folder: {weights_dir()}"]:
+            # one item a paragraph, its continuation lines indented under it
+            out.print(textwrap.fill(line, width=max(40, out.width - 1), initial_indent="  ",
+                                    subsequent_indent="    ", break_on_hyphens=False), markup=False)
     if damaged:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _score_cells(row: dict) -> list[str]:
+    """``ldct models``' cells: bundled or not, PSNR on the first held-out set the bar decides
+    on and its gain over the low dose, the bar."""
+    if row["kind"] == "classical":
+        return ["no weights", "-", "-", "-"]
+    entry = row["bundled"]
+    if entry is None:
+        return ["no", "-", "-", "-"]
+    tests = entry.get("held_out") or []
+    test = next((t for t in tests if t.get("bar_applies", True)), tests[0] if tests else None)
+    if test is None:
+        return ["yes", "-", "-", "-"]
+    low, out = test["rows"]["low dose"]["psnr_db"], test["rows"][row["name"]]["psnr_db"]
+    bar = {True: "met", False: "NOT met", None: "-"}[row["meets_bar"]]
+    return ["yes", f"{out:.2f}", f"{out - low:+.2f}", bar]
 
 
 def _bundled_lines(row: dict) -> list[str]:

@@ -5,19 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+class SlicePace(ProgressColumn):
+    """A series' pace: seconds per slice since it started (slices a stopped run had finished
+    left out) and the time left at that pace; before its first slice, the time spent on it
+    (loading, the first batch). The average, not the last interval: slices finish in batches."""
+
+    def render(self, task) -> Text:
+        if "resumed" not in task.fields:  # the bar of the whole run
+            return Text("")
+        done, elapsed = task.completed - task.fields["resumed"], task.elapsed or 0.0
+        if done <= 0:
+            return Text(f"first slices, {_clock(elapsed)}", style="progress.elapsed")
+        pace = elapsed / done
+        left = pace * max(0.0, (task.total or 0) - task.completed)
+        return Text(f"{pace:.2f} s/slice, {_clock(left)} left", style="progress.remaining")
 
 
 class RichProgress:
-    """Implements the pipeline's Progress protocol; draws nothing when disabled."""
+    """Implements the pipeline's Progress protocol; draws nothing when disabled.
 
-    def __init__(self, console: Console, *, enabled: bool):
+    ``get_time``: the clock (tests); rich's monotonic one by default.
+    """
+
+    def __init__(self, console: Console, *, enabled: bool, get_time=None):
         self.enabled = enabled
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), console=console, transient=True,
-                             disable=not enabled)
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SlicePace(),
+                             console=console, transient=True, disable=not enabled, get_time=get_time)
         self._task = None
         self._run = None
+        self._counted = 0  # slices of this series reported so far
 
     def __enter__(self) -> "RichProgress":
         self._bar.__enter__()
@@ -30,11 +55,17 @@ class RichProgress:
         self._run = self._bar.add_task("series", total=n_series)
 
     def series_started(self, series, output: Path) -> None:
-        self._task = self._bar.add_task(f"{series.folder.name} -> {output.name}", total=series.n_slices)
+        self._task = self._bar.add_task(f"{series.folder.name} -> {output.name}", total=series.n_slices,
+                                        resumed=0)
+        self._counted = 0
 
     def slices_done(self, n: int) -> None:
-        if self._task is not None:
-            self._bar.advance(self._task, n)
+        if self._task is None:
+            return
+        if self._counted == 0 and n > 1:  # the pipeline's first report of a resumed series:
+            self._bar.update(self._task, resumed=n)  # the slices a stopped run had written
+        self._counted += n
+        self._bar.advance(self._task, n)
 
     def series_finished(self, result) -> None:
         if self._task is not None:
@@ -43,8 +74,10 @@ class RichProgress:
         if self._run is not None:
             self._bar.advance(self._run, 1)
         if self.enabled and result.status == "done":
+            made = result.slices - result.resumed_slices
+            pace = f", {result.seconds / made:.2f} s/slice" if made > 0 else ""
             self._bar.console.print(f"wrote {result.slices} slices to {result.output} "
-                                    f"({result.seconds:.1f} s)", markup=False, highlight=False)
+                                    f"({result.seconds:.1f} s{pace})", markup=False, highlight=False)
 
 
 class RichTrainProgress:

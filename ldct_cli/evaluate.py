@@ -387,41 +387,74 @@ def settings_dict(settings: Settings, *, with_reference: bool) -> dict:
                 if settings.cnr_pairs else "none asked for"),
         "nps": "2D, ROIs plane-detrended, radially averaged, HU^2 mm^2 vs mm^-1; f_avg = sum f NPS / sum NPS",
         "mode": "reference" if with_reference else "reference-free",
+        "device": settings.device,
     }
 
 
-SUMMARY_COLUMNS = [("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"), ("rmse_hu", "RMSE (HU)"),
-                   ("rmse_body_hu", "RMSE body (HU)"), ("noise_sd_hu", "noise SD (HU)"),
-                   ("hu_bias", "HU bias")]
+# (summary key, header with its unit, decimals, in the terminal's default table). The
+# default table is what fits 80 columns; --wide, the HTML report and the CSV have them all.
+SUMMARY_COLUMNS = [("psnr_db", "PSNR (dB)", 2, True), ("ssim", "SSIM", 4, True),
+                   ("rmse_hu", "RMSE (HU)", 2, False), ("rmse_body_hu", "RMSE body (HU)", 2, False),
+                   ("noise_sd_hu", "noise SD (HU)", 2, True), ("hu_bias", "HU bias (HU)", 2, True)]
+NPS_COLUMNS = [("f_peak", "NPS f_peak (mm⁻¹)", False), ("f_avg", "NPS f_avg (mm⁻¹)", True)]
+TEXT_COLUMNS = ("series", "vs")  # the others hold numbers (right-aligned)
 
 
-def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-series comparison table (mean ± SD over slices)."""
+def _present(report: dict) -> list[tuple[str, str, int, bool]]:
+    """The mean-and-SD columns some series has, CNR pairs last."""
     cnr_keys = sorted({k for s in report["series"] for k in s["summary"] if k.startswith("cnr_")})
-    present = [(k, name) for k, name in SUMMARY_COLUMNS + [(k, f"CNR {k[4:]}") for k in cnr_keys]
-               if any(k in s["summary"] for s in report["series"])]
-    header = ["series", "vs", "slices"] + [name for _, name in present] + ["NPS f_peak", "NPS f_avg (mm⁻¹)"]
+    return [column for column in SUMMARY_COLUMNS + [(k, f"CNR {k[4:]}", 2, False) for k in cnr_keys]
+            if any(column[0] in s["summary"] for s in report["series"])]
+
+
+def summary_rows(report: dict, *, wide: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-series comparison table (mean ± SD over slices).
+
+    ``wide=False``: the essential columns, compactly, for an 80-column terminal; the
+    reference-free mode keeps "vs" (the source each series is compared with).
+    """
+    present = [c for c in _present(report) if wide or c[3]]
+    nps = [c for c in NPS_COLUMNS if wide or c[2]]
+    with_vs = wide or report["settings"].get("mode") == "reference-free"
+    sep = " ± " if wide else "±"
+    header = (["series"] + (["vs"] if with_vs else []) + (["slices"] if wide else [])
+              + [name for _, name, _, _ in present] + [name for _, name, _ in nps])
     rows = []
     for s in report["series"]:
-        row = [s["label"], s["against"] or "-", str(len(s["per_slice"]))]
-        for key, _ in present:
+        row = [s["label"]] + ([s["against"] or "-"] if with_vs else []) + ([str(len(s["per_slice"]))] if wide else [])
+        for key, _, digits, _ in present:
             v = s["summary"].get(key)
-            digits = 4 if key == "ssim" else 2
-            row.append(f"{v['mean']:.{digits}f} ± {v['sd']:.{digits}f}" if v else "-")
-        for key in ("f_peak", "f_avg"):
+            row.append(f"{v['mean']:.{digits}f}{sep}{v['sd']:.{digits}f}" if v else "-")
+        for key, _, _ in nps:
             v = s["summary"].get(key)
             row.append(f"{v:.3f}" if v is not None and math.isfinite(v) else "-")
         rows.append(row)
     return header, rows
 
 
-def _write_csv(path: Path, settings_row: dict, header: list[str], rows: list[list]) -> None:
-    """A CSV whose first line names the window, L and SSIM variant the numbers depend on."""
+def summary_csv_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The per-series table as numbers for a CSV: mean and SD in columns of their own
+    (``psnr_db_mean``, ``psnr_db_sd``...), NPS frequencies in mm⁻¹, empty where not measured."""
+    present = _present(report)
+    header = (["series", "role", "vs", "slices"] + [f"{key}_{part}" for key, *_ in present for part in ("mean", "sd")]
+              + [f"nps_{key}_per_mm" for key, _, _ in NPS_COLUMNS])
+    rows = []
+    for s in report["series"]:
+        row = [s["label"], s["role"], s["against"], len(s["per_slice"])]
+        for key, *_ in present:
+            v = s["summary"].get(key)
+            row += [v["mean"], v["sd"]] if v else ["", ""]
+        row += [s["summary"].get(key, "") for key, _, _ in NPS_COLUMNS]
+        rows.append(row)
+    return header, rows
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """A plain CSV: one header line, numbers as numbers (what the numbers depend on, the
+    window, L and SSIM variant, is in scores.json's "settings")."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow([f"# window {settings_row['window_hu']} HU, L={settings_row['data_range_L']}, "
-                             f"SSIM {settings_row['ssim_variant']}"])
             writer.writerow(header)
             writer.writerows(rows)
 
@@ -437,11 +470,12 @@ def write_outputs(out: Path, report: dict, results: list[Scores], tests: list[In
         tmp.write_text(json.dumps(report, indent=2))
     header, rows = summary_rows(report)
     settings_row = report["settings"]
-    keys = sorted({k for s in report["series"] for row in s["per_slice"] for k in row})
+    measured = sorted({k for s in report["series"] for row in s["per_slice"] for k in row} - {"slice", "z_mm"})
+    keys = ["slice", "z_mm", *measured]
     per_slice = [[s["label"]] + [row.get(k, "") for k in keys]
                  for s in report["series"] for row in s["per_slice"]]
-    _write_csv(out / "scores_per_series.csv", settings_row, header, rows)
-    _write_csv(out / "scores_per_slice.csv", settings_row, ["series"] + keys, per_slice)
+    _write_csv(out / "scores_per_series.csv", *summary_csv_rows(report))
+    _write_csv(out / "scores_per_slice.csv", ["series"] + keys, per_slice)
     images = []
     curves = {s.label: (s.nps_f, s.nps) for s in results if s.nps is not None}
     if curves:
@@ -465,11 +499,16 @@ def write_outputs(out: Path, report: dict, results: list[Scores], tests: list[In
 
 def _montages(out: Path, tests: list[InputSeries], references: list[InputSeries], results: list[Scores],
               settings: Settings, n_rows: int | list[float]) -> list[tuple[str, Path]]:
-    """One montage per reference: chosen slices, each test, the reference, |differences|."""
+    """One montage per reference: chosen slices, each test, the reference, |differences|.
+
+    Without a reference, the difference shown is each test's residual against the series
+    it was derived from (|input - output|: what a denoiser removed, anatomy included).
+    """
     from ldct_cli import metrics
     from ldct_cli import report as pictures
 
     window = settings.window
+    sources = {t.series_uid: t for t in tests if t.series_uid}
     pictures_out = []
     groups = [(ref, [t for t in tests if _matching_reference(t, references) is ref]) for ref in references] \
         if references else [(None, tests)]
@@ -503,6 +542,11 @@ def _montages(out: Path, tests: list[InputSeries], references: list[InputSeries]
                             f"SSIM {metrics.ssim(image, ref_hu, window).item():.3f}")
                     diffs.append(pictures.Panel(label=f"|{test.label} - reference|",
                                                 image_hu=np.abs(image - ref_hu), kind="difference"))
+                source = sources.get(test.source_series_uid) if ref_hu is None else None
+                if source is not None and source is not test:
+                    k = int(np.argmin(np.abs(source.z_mm - test.z_mm[i])))
+                    diffs.append(pictures.Panel(label=f"residual |{source.label} - {test.label}|",
+                                                image_hu=source.read_hu([k])[0] - image, kind="difference"))
                 panels.append(pictures.Panel(label=test.label, image_hu=image, note=note, rois=rois))
             if ref_hu is not None:
                 panels.append(pictures.Panel(label=f"reference: {ref.label}", image_hu=ref_hu,

@@ -23,7 +23,7 @@ import fnmatch
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,12 +39,14 @@ FORMAT = "ldct-dataset"
 FORMAT_VERSION = 1
 AIR_HU = -1000
 SPLITS = ("train", "val", "test")
+SPLIT_BY = ("auto", "case", "block")
 DOSE_TOLERANCE = 1e-6  # doses written to and read back from JSON compare equal within this
 
 
 @dataclass(frozen=True)
 class PatchSettings:
-    """How the trainer samples patches (seed 000 §5.3.5; WGAN-VGG's code rejects air patches)."""
+    """How the trainer samples patches (Lalithnarayan, Somayaji and Shaikh, "Denoising of Low
+    Dose CT Images Using Generative Models", §5.3.5; WGAN-VGG's code rejects air patches)."""
 
     patch_size: int = 64
     patches_per_slice: int = 16
@@ -57,15 +59,15 @@ class SplitSettings:
     """Deterministic split into train/val/test: by case, or by contiguous blocks along z."""
 
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    by: str = "case"  # or "block"
+    by: str = "auto"  # "case", "block", or "auto": by case when every split can have a case
     seed: int = 0
     gap: int = 4  # slices dropped between blocks (neighbouring slices look alike)
 
     def __post_init__(self):
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
             raise UsageError(f"--split {','.join(map(str, self.fractions))}: three fractions that sum to 1")
-        if self.by not in ("case", "block"):
-            raise UsageError(f"--split-by {self.by!r}: expected case or block")
+        if self.by not in SPLIT_BY:
+            raise UsageError(f"--split-by {self.by!r}: expected {', '.join(SPLIT_BY)}")
         if self.gap < 0:
             raise UsageError("--gap must be 0 or more")
 
@@ -269,8 +271,40 @@ def to_int16(image_hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image_hu), -1024, 3071).astype(np.int16)
 
 
+def resolve_split(settings: SplitSettings, slices_per_case: list[int]) -> tuple[SplitSettings, str]:
+    """The split ``settings`` asks for, made concrete for these cases: (settings with ``by``
+    "case" or "block", a note saying what was chosen and why, or "").
+
+    By case needs a case for every split asked for: one patient by case would put every
+    slice in train, and ``ldct train`` needs val slices. So "auto" splits fewer cases than
+    splits by blocks along z, and an explicit "case" is refused before any work.
+    """
+    wanted = [name for name, f in zip(SPLITS, settings.fractions) if f > 0]
+    n_cases = len(slices_per_case)
+    if len(wanted) <= 1 or n_cases >= len(wanted):
+        return (replace(settings, by="case") if settings.by == "auto" else settings), ""
+    cases = f"{n_cases} case{'s' if n_cases != 1 else ''}"
+    if settings.by == "case":
+        raise UsageError(f"--split-by case: {cases} cannot fill the {len(wanted)} splits "
+                         f"{', '.join(wanted)}; use --split-by block (contiguous blocks of slices "
+                         "along z), give more cases, or --split 1,0,0")
+    if settings.by == "block":
+        return settings, ""
+    fewest = min(slices_per_case)
+    if fewest - settings.gap * (len(wanted) - 1) < len(wanted):
+        return replace(settings, by="case"), (
+            f"{cases} of {fewest} slices: too few to split into {', '.join(wanted)}, every slice is "
+            f"in train (ldct train needs val slices: give more cases or slices, or a smaller --gap "
+            f"than {settings.gap})")
+    return replace(settings, by="block"), (
+        f"{cases}: split by contiguous blocks of slices along z (--split-by block), "
+        f"{settings.gap} slices left out between blocks; give {len(wanted)} or more cases to split by case")
+
+
 def split_cases(records: list[CaseRecord], settings: SplitSettings) -> dict[str, list[dict]]:
     """Each split as a list of ``{"case", "start", "stop"}`` slice ranges."""
+    if settings.by == "auto":
+        settings, _ = resolve_split(settings, [r.slices for r in records])
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     if settings.by == "case":
         order = [records[i] for i in np.random.default_rng(settings.seed).permutation(len(records))]
@@ -331,6 +365,8 @@ def prepare(dataset: Path | str, sources: list[CaseSource], *, simulator=None,
     ids = [c.case_id for c in sources]
     if len(set(ids)) != len(ids):
         raise PrepareError(f"two cases share an id: {sorted({i for i in ids if ids.count(i) > 1})}")
+    asked = split
+    split, note = resolve_split(split, [c.full.n_slices for c in sources])  # refused before any work
     records = []
     with staged_folder(dataset, overwrite=overwrite) as staging:
         for case in sources:
@@ -347,7 +383,8 @@ def prepare(dataset: Path | str, sources: list[CaseSource], *, simulator=None,
             "low_doses": [float(s.dose) for s in simulators] if simulators else None,
             "spacing_mm": spacing_mm,
             "patch": asdict(patch),
-            "split_settings": {**asdict(split), "fractions": list(split.fractions)},
+            "split_settings": {**asdict(split), "fractions": list(split.fractions), "asked": asked.by,
+                               "note": note},
             "split": split_cases(records, split),
             "cases": [asdict(r) for r in records],
         }

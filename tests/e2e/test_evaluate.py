@@ -68,8 +68,9 @@ def test_reference_mode_scores_tables_and_pictures(study, cli, tmp_path):
     assert 10 < low["psnr_db"]["mean"] < 40 and 0 < low["ssim"]["mean"] < 1
     with open(report_dir / "scores_per_series.csv") as handle:
         lines = list(csv.reader(handle))
-    assert lines[0][0].startswith("# window") and lines[1][0] == "series" and len(lines) == 6
-    assert lines[-1][0].endswith("(reference)") and lines[-1][3] == "-"
+    assert lines[0][0] == "series" and len(lines) == 5  # a header line, then a row per series
+    [reference_row] = [row for row in lines if row[0].endswith("(reference)")]
+    assert reference_row[lines[0].index("psnr_db_mean")] == ""
     html = (report_dir / "report.html").read_text()
     assert "data:image/png;base64" in html and "wgan" in html
 
@@ -181,3 +182,62 @@ def test_montage_at_chosen_positions(study, cli, tmp_path):
     three_rows = imread(montage).shape[0]
     assert two_rows < three_rows  # one row per asked position
     assert cli("evaluate", "--reference", study["full"], study["low"], "--montage-z", "x").exit_code == 2
+
+
+def test_csv_holds_numbers_in_columns_of_their_own(study, cli, tmp_path):
+    result = _run(cli, "--reference", study["full"], study["low"], study["wgan"], "--label", "low dose",
+                  "--label", "wgan", "--out", tmp_path / "r", "--device", "cpu", "--roi-size", "8", "--json")
+    report = json.loads(result.stdout)
+    with open(tmp_path / "r" / "scores_per_series.csv", newline="") as handle:
+        rows = {row["series"]: row for row in csv.DictReader(handle)}  # the first line is the header
+    summary = {s["label"]: s["summary"] for s in report["series"]}
+    assert set(rows) == set(summary)
+    for label in ("low dose", "wgan"):
+        for key in ("psnr_db", "ssim", "rmse_hu", "noise_sd_hu", "hu_bias"):
+            assert float(rows[label][f"{key}_mean"]) == pytest.approx(summary[label][key]["mean"], rel=1e-9)
+            assert float(rows[label][f"{key}_sd"]) == pytest.approx(summary[label][key]["sd"], rel=1e-9)
+        assert float(rows[label]["nps_f_avg_per_mm"]) == pytest.approx(summary[label]["f_avg"])
+        assert rows[label]["role"] == "test" and int(rows[label]["slices"]) == 4
+    with open(tmp_path / "r" / "scores_per_slice.csv", newline="") as handle:
+        per_slice = list(csv.DictReader(handle))
+    assert len(per_slice) == 3 * 4 and list(per_slice[0])[:3] == ["series", "slice", "z_mm"]
+    for name in ("scores_per_series.csv", "scores_per_slice.csv"):
+        text = (tmp_path / "r" / name).read_text()
+        assert "±" not in text and not text.startswith(("#", '"#'))
+    # what the numbers depend on is in the JSON report instead
+    settings = json.loads((tmp_path / "r" / "scores.json").read_text())["settings"]
+    assert settings["window_hu"] == [-160, 240] and settings["device"] == "cpu" and "ssim_variant" in settings
+
+
+def test_terminal_table_fits_80_columns_and_wide_shows_every_column(study, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ("--reference", study["full"], study["low"], study["wgan"], "--label", "low dose [ld]",
+            "--label", "wgan", "--device", "cpu", "--roi-size", "8")
+    report = json.loads(_run(cli, *args, "--json").stdout)
+    text = _run(cli, *args).stdout
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "[ld]" in text  # a label is text, never rich markup
+    assert "PSNR (dB)" in text and "RMSE" not in text and "--wide" in text
+    for series in report["series"]:
+        if series["role"] == "test":
+            psnr, ssim = series["summary"]["psnr_db"], series["summary"]["ssim"]
+            assert f"{psnr['mean']:.2f}±{psnr['sd']:.2f}" in text  # numbers whole, on one line
+            assert f"{ssim['mean']:.4f}±{ssim['sd']:.4f}" in text
+    header = next(line for line in text.splitlines() if "series" in line)
+    row = next(line for line in text.splitlines() if line.strip().startswith("wgan"))
+    # right-aligned: a number ends where its column's header ends
+    assert row.rstrip().endswith(f"{report['series'][1]['summary']['f_avg']:.3f}")
+    assert len(row.rstrip()) == len(header.rstrip())
+    wide = _run(cli, *args, "--wide").stdout
+    assert "RMSE" in " ".join(wide.split()) and "f_peak" in wide and "slices" in wide
+
+
+def test_reference_free_montage_shows_each_residual(study, cli, tmp_path):
+    from matplotlib.image import imread
+
+    from ldct_cli.report import DPI, PANEL_INCHES
+
+    _run(cli, study["low"], study["wgan"], "--out", tmp_path / "r", "--device", "cpu", "--roi-size", "8")
+    [montage] = (tmp_path / "r").glob("montage_*.png")
+    # the low dose, the denoised series and |low dose - denoised| side by side
+    assert imread(montage).shape[1] == 3 * PANEL_INCHES * DPI

@@ -167,3 +167,51 @@ def test_missing_slice_thickness_is_inferred_from_positions(tmp_path, cli):
     assert cli("prepare", tmp_path / "data", "--low", low, "--full", full, "--quiet").exit_code == 0
     [case] = load_manifest(tmp_path / "data")["cases"]
     assert case["slice_mm"] == 1.5
+
+
+def test_one_case_is_split_by_blocks_by_default_so_training_has_val_slices(tmp_path, cli):
+    from ldct_cli.training.data import validation_slices
+
+    low, full = _pair(tmp_path / "src", n=20)
+    result = cli("prepare", tmp_path / "data", "--low", low, "--full", full)
+    assert result.exit_code == 0, result.output
+    assert "note: 1 case: split by contiguous blocks" in result.stderr and "(split by block)" in result.stderr
+    manifest = load_manifest(tmp_path / "data")
+    settings = manifest["split_settings"]
+    assert (settings["asked"], settings["by"]) == ("auto", "block") and "blocks" in settings["note"]
+    blocks = {name: [(r["start"], r["stop"]) for r in manifest["split"][name]] for name in ("train", "val", "test")}
+    assert blocks == {"train": [(0, 10)], "val": [(14, 15)], "test": [(19, 20)]}  # 4 slices apart
+    assert len(validation_slices(tmp_path / "data", split="val")) == 1  # what `ldct train` needed
+
+
+def test_split_by_case_of_one_case_is_refused_before_any_work(tmp_path, cli):
+    low, full = _pair(tmp_path / "src", n=20)
+    result = cli("prepare", tmp_path / "data", "--low", low, "--full", full, "--split-by", "case")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "1 case cannot fill the 3 splits train, val, test; use --split-by block" in result.stderr
+    assert not (tmp_path / "data").exists()
+    # one split asked for: a single case fills it
+    ok = cli("prepare", tmp_path / "data", "--low", low, "--full", full, "--split-by", "case", "--split", "1,0,0",
+             "--quiet")
+    assert ok.exit_code == 0 and load_manifest(tmp_path / "data")["split_settings"]["note"] == ""
+
+
+def test_a_case_too_short_for_blocks_says_what_to_do(tmp_path, cli):
+    low, full = _pair(tmp_path / "src", n=3)
+    result = cli("prepare", tmp_path / "data", "--low", low, "--full", full, "--quiet")
+    assert result.exit_code == 0
+    assert "too few to split into train, val, test, every slice is in train" in result.stderr
+    assert "a smaller --gap" in result.stderr
+    assert load_manifest(tmp_path / "data")["split"]["train"] == [
+        {"case": load_manifest(tmp_path / "data")["cases"][0]["id"], "start": 0, "stop": 3}]
+
+
+def test_auto_split_by_case_with_enough_cases():
+    from ldct_cli.prepare import resolve_split
+
+    settings, note = resolve_split(SplitSettings(), [10, 10, 10])
+    assert settings.by == "case" and note == ""
+    settings, note = resolve_split(SplitSettings(fractions=(0.5, 0.5, 0.0)), [10, 10])
+    assert settings.by == "case" and note == ""
+    settings, note = resolve_split(SplitSettings(), [20, 30])
+    assert settings.by == "block" and note.startswith("2 cases: split by contiguous blocks")

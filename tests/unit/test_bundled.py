@@ -130,8 +130,35 @@ def test_models_lists_bundled_weights_with_training_data(weights, cli):
     assert listed["redcnn"]["bundled_weights"] == str(weights / "redcnn.safetensors")
     assert listed["redcnn"]["bundled"]["data"]["series"] == [{"folder": "synthetic"}]
     assert listed["pix2pix"]["bundled"] is None
-    text = cli("models").stdout
+    assert json.loads(cli("models", "redcnn", "--json").stdout)["name"] == "redcnn"  # one, not a list
+    text = cli("models", "redcnn").stdout
     assert "redcnn.safetensors" in text and "trained on: synthetic" in text
+
+
+def test_models_is_a_table_of_80_columns_with_details_by_name(weights, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    entry = bundled.read_manifest(weights)["redcnn"].record
+    rows = {"low dose": {"psnr_db": 20.0, "ssim": 0.8, "noise_sd_hu": 80.0, "hu_bias": 0.0, "f_avg": 0.19},
+            "redcnn": {"psnr_db": 23.5, "ssim": 0.84, "noise_sd_hu": 40.0, "hu_bias": -1.0, "f_avg": 0.14},
+            "reference": {"noise_sd_hu": 45.0, "f_avg": 0.17}}
+    entry["held_out"] = [{"name": "block", "series": "s", "rows": rows,
+                          "bar": bundled.quality_bar(rows, "redcnn", objective="mse", classical_psnr=21.0)}]
+    bundled.write_manifest({"redcnn": entry}, weights)
+    result = cli("models")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
+    by_name = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in
+               list_models(None)}
+    assert list(by_name) == list_models(None)  # one row each, in the registry's order
+    assert by_name["redcnn"][1:] == ["generator", "yes", "23.50", "+3.50", "met"]
+    assert by_name["pix2pix"][1:3] == ["generator", "no"]
+    assert by_name["nlm"][1:4] == ["classical", "no", "weights"]
+    assert "paper:" not in result.stdout and "details: ldct models NAME" in result.stdout
+    detail = cli("models", "redcnn").stdout
+    assert "paper: H. Chen" in detail and "held out, block (s): PSNR 23.50 dB (+3.50)" in " ".join(detail.split())
+    unknown = cli("models", "nope")
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.stderr
 
 
 def test_models_names_every_simulated_dose_trained_on(weights, cli):
@@ -140,7 +167,7 @@ def test_models_names_every_simulated_dose_trained_on(weights, cli):
     for doses in ([0.25], [0.25, 0.1, 0.5]):
         entry["data"].update(simulated_dose=doses[0], simulated_doses=doses, i0=48000.0)
         bundled.write_manifest({"redcnn": entry}, weights)
-        lines[len(doses)] = " ".join(cli("models").stdout.split())  # as one line, however wrapped
+        lines[len(doses)] = " ".join(cli("models", "redcnn").stdout.split())  # one line, however wrapped
     assert "), simulated dose 0.25 (I0 48000) " in lines[1]
     assert "), simulated doses 0.25, 0.1, 0.5 (I0 48000; validated at 0.25) " in lines[3]
 
@@ -162,7 +189,8 @@ def test_weights_that_miss_the_bar_are_flagged_as_a_preview(weights, tmp_path, c
     result = cli("denoise", tmp_path / "in", tmp_path / "out", "--model", "redcnn", "--quiet")
     assert result.exit_code == 0
     assert "warning: the bundled redcnn weights are a preview" in result.stderr
-    assert "quality bar NOT met: psnr_gain_db" in " ".join(cli("models").stdout.split())
+    assert "quality bar NOT met: psnr_gain_db" in " ".join(cli("models", "redcnn").stdout.split())
+    assert "NOT met" in cli("models").stdout  # the table says so too
 
 
 def test_models_reports_a_damaged_bundled_file_and_fails(weights, cli):
