@@ -190,7 +190,7 @@ register_model(ModelInfo(
     name="redcnn_wgan",
     target="ldct_cli.models.redcnn:RedCNN",
     title="RED-CNN generator trained with WGAN-GP against a simple CNN critic (0.95 MSE + 0.05 adversarial)",
-    paper="Seed 004: RED-CNN + WGAN-GP with a simple CNN discriminator and variable-dose training "
+    paper="H. Ryu, LDCT Denoising With REDCNN & WGAN-GP, 2024: RED-CNN + WGAN-GP with a simple CNN discriminator and variable-dose training "
           "(after H. Chen et al., IEEE TMI 2017, and I. Gulrajani et al., NeurIPS 2017)",
     hu_norm=UNIT_RANGE,
     recipe="wgan_gp",
@@ -202,7 +202,7 @@ register_model(ModelInfo(
     title="Cascade: DRL (dilated convs + edge layer) on perceptual loss, then CNN10 difference "
           "network(s) on MSE; levels=2 (default) or 3",
     paper="S. Ataei, J. Alirezaie, P. Babyn, Cascaded Convolutional Neural Networks with Perceptual Loss "
-          "for Low Dose CT Denoising, 2020 (seed 002); DRL: M. Gholizadeh-Ansari et al., J. Digit. "
+          "for Low Dose CT Denoising, 2020; DRL: M. Gholizadeh-Ansari et al., J. Digit. "
           "Imaging 33, 2020; CNN10: D. Wu et al., arXiv:1705.04267, 2017",
     hu_norm=UNIT_RANGE,
     recipe="cascade",
@@ -213,7 +213,7 @@ register_model(ModelInfo(
     title="CPCA: contracting-path conv autoencoder (4 conv + 4 deconv, 32 maps, 3x3, 1x1 64->32 after "
           "each path); 2.5D with in_slices 3/5/7 (3D filters, initialised from a 2D model)",
     paper="H. Shan et al., 3-D Convolutional Encoder-Decoder Network for Low-Dose CT via Transfer Learning "
-          "From a 2-D Trained Network, IEEE TMI 37(6), 2018 (seed 003)",
+          "From a 2-D Trained Network, IEEE TMI 37(6), 2018",
     hu_norm=UNIT_RANGE,
     recipe="wgan_gp",
     objective="adversarial",
@@ -235,7 +235,8 @@ def _register_classical(name: str, cls: str, title: str, paper: str) -> None:
     """A weight-free filter of sec. 2.2.1 of Lalithnarayan, Somayaji and Shaikh, "Denoising of
     Low Dose CT Images Using Generative Models": works in HU, nothing to train."""
     register_model(ModelInfo(name=name, target=f"ldct_cli.models.classical:{cls}", title=title,
-                             paper=f"{paper} (a classical baseline of seed 000, sec. 2.2.1)",
+                             paper=(f"{paper} (a classical baseline of Lalithnarayan, Somayaji and Shaikh, "
+                                    "'Denoising of Low Dose CT Images Using Generative Models', 2020, sec. 2.2.1)"),
                              hu_norm=None, kind="classical", recipe="none"))
 
 

@@ -454,7 +454,7 @@ def test_cpca_3d_starts_from_a_2d_run_exactly_as_good_and_denoises_with_neighbou
 
 
 def test_redcnn_wgan_starts_from_a_redcnn_checkpoint(dataset, ct_weights, tmp_path):
-    """The same network under another recipe (seed 004 fine-tunes RED-CNN adversarially)."""
+    """The same network under another recipe (Ryu's RED-CNN + WGAN-GP fine-tunes RED-CNN adversarially)."""
     train(_config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 1, "schedule.val_every": 1}),
           tmp_path / "mse")
     source, source_info = load_checkpoint(tmp_path / "mse" / "last.safetensors")

@@ -1,4 +1,4 @@
-"""The cascade of seed 002: DRL (edge layer + dilated convs), CNN10, and how levels chain."""
+"""The DRL/CNN10 cascade: DRL (edge layer + dilated convs), CNN10, and how levels chain."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CPCA (seed 003): architecture, receptive field, 2.5D/3D layers and the 2D-to-3D transfer."""
+"""CPCA (Shan et al., TMI 2018): architecture, receptive field, 2.5D/3D layers and the 2D-to-3D transfer."""
 
 from __future__ import annotations
 

@@ -380,7 +380,7 @@ def test_vgg_with_several_layers_taps_each_before_its_relu(vgg19_file):
     normalised = (x.expand(-1, 3, -1, -1) - vgg.mean) / vgg.std
     torch.testing.assert_close(taps[1], vgg.features[:8](normalised))  # conv2_2 is index 7, pre-ReLU
     assert (taps[2] < 0).any()  # no ReLU after the tapped conv
-    # The loss is the sum over the maps of their mean squared differences (seed 002, eq. 3).
+    # The loss is the sum over the maps of their mean squared differences (the cascade paper, eq. 3).
     y = torch.rand(2, 1, 32, 32)
     expected = sum(torch.mean((a - b) ** 2) for a, b in zip(vgg(x), vgg(y)))
     torch.testing.assert_close(PerceptualLoss(vgg)(x, y), expected)
@@ -393,7 +393,7 @@ def test_vgg_with_several_layers_taps_each_before_its_relu(vgg19_file):
 # ---------------------------------------------------------------------------- loss units
 
 def _wgan_step_terms(units: str) -> dict[str, float]:
-    """One WGAN-GP step of a tiny generator and seed 004's critic, nothing updated (lr 0)."""
+    """One WGAN-GP step of a tiny generator and Ryu's simple CNN critic, nothing updated (lr 0)."""
     from ldct_cli.models.normalization import UNIT_RANGE
     from ldct_cli.training.config import resolve_config
     from ldct_cli.training.critics import SimpleCnnCritic
