@@ -306,9 +306,9 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
         # Keep at most `lookahead` writes in flight: memory stays flat on any series length.
         nonlocal clipped
         writes.append(executor.submit(fn, job))
+        progress.slices_done(1)  # counted as it leaves the model, so progress moves batch by batch
         while len(writes) > lookahead:
             clipped += writes.popleft().result()
-            progress.slices_done(1)
 
     try:
         if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
@@ -328,7 +328,6 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
                                                    derivation=derivation, path=destinations[i]))
         while writes:
             clipped += writes.popleft().result()
-            progress.slices_done(1)
     except BaseException:
         # No worker may still be writing into the staging folder when it is removed.
         for future in writes:

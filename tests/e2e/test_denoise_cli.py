@@ -682,3 +682,30 @@ def test_workers_die_with_a_killed_parent(tmp_path, checkpoints):
               for pid in workers):
         assert time.monotonic() < deadline, "workers outlived their parent"
         time.sleep(0.1)
+
+
+def test_progress_counts_each_slice_as_its_batch_leaves_the_model(tmp_path):
+    """Progress moves batch by batch, not only once the write window has filled (issue 19, 18)."""
+    from ldct_cli import run_denoise
+    from ldct_cli.api import build_classical
+    from ldct_cli.pipeline import DenoiseOptions, NoProgress
+
+    write_series(tmp_path / "in", SeriesSpec(n_slices=8))
+    events = []
+
+    class Recorder(NoProgress):
+        def slices_done(self, n):
+            events.append(("done", n))
+
+    class Counting:
+        context_slices, batch_size = 1, 4
+
+        def __call__(self, stack, *, pixel_mm=None):
+            events.append(("model", len(stack)))
+            return stack[:, 0].astype(np.float32)
+
+    options = DenoiseOptions(workers=0)
+    _, derivation = build_classical("tv", strength=10, options=options)
+    run_denoise(tmp_path / "in", tmp_path / "out", denoiser=Counting(), derivation=derivation,
+                options=options, progress=Recorder())
+    assert events == [("model", 4)] + [("done", 1)] * 4 + [("model", 4)] + [("done", 1)] * 4
