@@ -92,7 +92,9 @@ def denoise_series(input_dir: Path | str, output_dir: Path | str, *, weights: Pa
                    tile: int | None = None, options: DenoiseOptions = DenoiseOptions()) -> SeriesResult:
     """Denoise the one CT series in ``input_dir`` into a derived series under ``output_dir``.
 
-    Returns its result (status "done", "skipped" or "failed", output folder, error).
+    Returns its result: status "done", "incomplete" (written without the ``bad_files``,
+    each with its reason; a rerun retries them), "skipped" (already complete) or
+    "failed", with the output folder and the error.
     """
     from ldct_cli.dicom.read import discover
 

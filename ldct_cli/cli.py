@@ -167,7 +167,7 @@ def _dry_run(input_path: Path, output_dir: Path, *, build, options, json_out: bo
     CT series).
     """
     from ldct_cli.dicom.read import discover
-    from ldct_cli.fsutil import complete_slices, is_within
+    from ldct_cli.fsutil import is_complete, is_within
     from ldct_cli.pipeline import ALREADY_COMPLETE, RunSummary, SeriesResult, output_folder
 
     try:
@@ -191,10 +191,10 @@ def _dry_run(input_path: Path, output_dir: Path, *, build, options, json_out: bo
     for series in found.series:
         uid = derivation.uid("series", series.key)
         final = output_folder(series, input_path, output_dir, derivation, uid)
-        complete = len(complete_slices(final, series.n_slices)) == series.n_slices and not opts.overwrite
+        complete = is_complete(final, series.n_slices) and not series.bad and not opts.overwrite
         summary.series.append(SeriesResult(
             input=str(series.folder), output=str(final), series_uid=series.series_uid, output_series_uid=uid,
-            slices=series.n_slices, status="skipped" if complete else "would write",
+            slices=series.n_slices + len(series.bad), status="skipped" if complete else "would write",
             error=ALREADY_COMPLETE if complete else None))
     if json_out:
         typer.echo(json.dumps({"version": __version__, "dry_run": True, "input": str(input_path),
@@ -267,9 +267,13 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
         if result.status == "failed":
             err.print(f"[red]failed[/red] series {escape(result.input)}: {escape(str(result.error))}",
                       soft_wrap=True)
+        elif result.status == "incomplete":
+            err.print(f"[yellow]incomplete[/yellow] series {escape(result.input)}: {escape(str(result.error))}",
+                      soft_wrap=True)
         elif result.status == "skipped":
             err.print(f"skipped series {result.input}: {result.error}", markup=False, soft_wrap=True)
     done = sum(r.status == "done" for r in summary.series)
+    n_incomplete = sum(r.status == "incomplete" for r in summary.series)
     n_failed = sum(r.status == "failed" for r in summary.series) + len(summary.failed_files)
     if json_out:
         payload = {"version": __version__, "input": str(input_path), "output": str(output_dir),
@@ -278,7 +282,8 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
         typer.echo(json.dumps(payload, indent=2))
     elif not quiet:
         err.print(f"{done} series written to {output_dir}, "
-                  f"{sum(r.status == 'skipped' for r in summary.series)} skipped, {n_failed} failed",
+                  + (f"{n_incomplete} written incomplete, " if n_incomplete else "")
+                  + f"{sum(r.status == 'skipped' for r in summary.series)} skipped, {n_failed} failed",
                   markup=False)
     if not summary.series and not summary.failed_files and not json_out:
         err.print(f"[yellow]no CT series found in {escape(str(input_path))}[/yellow]")

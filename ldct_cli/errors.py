@@ -39,4 +39,5 @@ class NotCTError(DicomError):
 
 
 class SeriesError(LdctError):
-    """A series that cannot be processed as a whole (e.g. inconsistent matrix sizes)."""
+    """A series that cannot be written at all (e.g. none of its slices could be used); a bad
+    slice alone is a DicomError, and leaves its series incomplete."""

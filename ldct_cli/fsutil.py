@@ -12,6 +12,9 @@ from pathlib import Path
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Hidden folders where a series is written before it is renamed into place.
 STAGING_PREFIX = ".ldct-partial-"
+# In an output (or staging) folder: which input slices its files were made from and, once
+# published, which input files could not be used. A folder holding it is never complete.
+INCOMPLETE_MARKER = ".ldct-incomplete.json"
 
 
 @contextmanager
@@ -83,20 +86,21 @@ def staged_folder(final: Path, *, overwrite: bool = False, resume: bool = False,
     way (``n_files``: how many slice files a complete one holds; when it holds them all,
     ``AlreadyComplete`` is raised before anything moves). With ``overwrite`` staging starts
     empty and an existing ``final`` is replaced only once the new one is complete. On any
-    other exception staging is removed.
+    other exception staging is removed. ``INCOMPLETE_MARKER`` is the caller's: it is kept,
+    and moved with an incomplete ``final``, and a ``final`` holding it is never complete.
     """
     staging = final.with_name(STAGING_PREFIX + final.name)
     staging.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(staging)
     try:
         for leftover in staging.iterdir():  # a dead writer's temp files (we hold the lock)
-            if leftover.name.startswith(".") or overwrite or not resume:
+            if (leftover.name.startswith(".") and leftover.name != INCOMPLETE_MARKER
+                    or overwrite or not resume):
                 if leftover.is_dir():
                     shutil.rmtree(leftover)
                 else:
                     leftover.unlink()
-        if (resume and final.is_dir() and not overwrite and n_files is not None
-                and len(complete_slices(final, n_files)) == n_files):
+        if resume and not overwrite and n_files is not None and is_complete(final, n_files):
             raise AlreadyComplete(str(final))
         if resume and final.is_dir() and not overwrite:  # incomplete: resume from what it holds
             for item in final.iterdir():
@@ -131,6 +135,13 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:  # absent, or holds slices to resume
         pass
+
+
+def is_complete(folder: Path, n: int) -> bool:
+    """True when ``folder`` holds all ``n`` slice files and no ``INCOMPLETE_MARKER``: a series
+    written with bad slices left out is never complete, so a rerun retries it."""
+    return (folder.is_dir() and len(complete_slices(folder, n)) == n
+            and not (folder / INCOMPLETE_MARKER).exists())
 
 
 def complete_slices(folder: Path, n: int) -> set[int]:

@@ -5,16 +5,27 @@ bounded number of slices in flight, so throughput approaches the model's own and
 stays flat whatever the series length. Each series is written into a hidden staging
 folder and renamed into place only when complete: an interrupted or failed series
 leaves nothing behind, and a rerun skips series whose folder exists.
+
+A bad slice (its file's header or pixels cannot be used, its matrix is not its series',
+or it cannot be written as a derived slice) is left out, whatever the cause: the other
+slices are written, the series is published *incomplete* (``INCOMPLETE_MARKER`` in its
+folder lists the bad files) so a rerun retries it, and each bad file is one entry of
+``RunSummary.failed_files``. Only what is not one file's fault (the model, the disk) fails
+the whole series.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import hashlib
+import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,7 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ldct_cli.dicom.read import Discovery, Series, discover, load_slice, padding_mask, rescale_of, stored_to_hu
+from ldct_cli.dicom.read import (Discovery, Series, brief, discover, load_slice, padding_mask, quiet_pydicom,
+                                 rescale_of, stored_to_hu)
 from ldct_cli.dicom.write import (
     TRANSFER_SYNTAX_CHOICES,
     CopyJob,
@@ -35,9 +47,9 @@ from ldct_cli.dicom.write import (
     hu_to_stored,
     write_slice,
 )
-from ldct_cli.errors import LdctError, UsageError
-from ldct_cli.fsutil import (STAGING_PREFIX, AlreadyComplete, FolderBusy, complete_slices, is_within, safe_name,
-                             staged_folder)
+from ldct_cli.errors import DicomError, LdctError, SeriesError, UsageError
+from ldct_cli.fsutil import (INCOMPLETE_MARKER, STAGING_PREFIX, AlreadyComplete, FolderBusy, atomic_path,
+                             complete_slices, is_complete, is_within, safe_name, staged_folder)
 
 
 @dataclass(frozen=True)
@@ -68,14 +80,15 @@ class SeriesResult:
     output: str | None
     series_uid: str
     output_series_uid: str | None
-    slices: int
-    status: str  # "done", "skipped" or "failed"
+    slices: int  # files of the series, bad ones included
+    status: str  # "done", "incomplete" (written but for ``bad_files``), "skipped" or "failed"
     seconds: float = 0.0
     error: str | None = None
     clipped_pixels: int = 0
     resumed_slices: int = 0  # slices a stopped run had finished, kept instead of redone
     measured: dict | None = None  # what was measured of this series and set from it (scan-matched
     # simulation, an automatic filter strength)
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, why): not written
 
 
 @dataclass
@@ -88,13 +101,14 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """1 when any file or series failed, or when no CT series was found at all."""
-        failed = self.failed_files or any(r.status == "failed" for r in self.series)
+        """1 when any file or series failed or is incomplete, or when no CT series was found at all."""
+        failed = self.failed_files or any(r.status in ("failed", "incomplete") for r in self.series)
         return 1 if failed or not self.series else 0
 
     def to_json(self) -> dict[str, Any]:
+        """Each bad file is in ``failed_files`` with its error; a series' ``bad_files`` are paths."""
         return {
-            "series": [asdict(r) for r in self.series],
+            "series": [{**asdict(r), "bad_files": [p for p, _ in r.bad_files]} for r in self.series],
             "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files],
             "failed_files": [{"path": p, "error": r} for p, r in self.failed_files],
             "exit_code": self.exit_code,
@@ -145,6 +159,7 @@ def _worker_init(parent_pid: int | None = None) -> None:
     # Ctrl-C reaches the whole process group: only the main process handles it (and
     # removes partial output); workers finish or drop their task quietly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")  # why: ldct_cli.dicom.read
     if parent_pid is not None:
         _exit_with_parent(parent_pid)
 
@@ -245,11 +260,16 @@ ALREADY_COMPLETE = "already complete (use --overwrite to write it again)"
 def process_series(series: Series, final: Path, *, denoiser, derivation: Derivation,
                    options: DenoiseOptions, executor: cf.Executor,
                    progress: Progress | None = None) -> SeriesResult:
-    """Denoise one discovered series into the folder ``final``; never raises for bad data."""
+    """Denoise one discovered series into the folder ``final``; never raises for bad data.
+
+    Bad slices (the series' own ``bad`` files, and those that fail here) are left out and
+    listed in ``bad_files``: the rest is published, marked incomplete (module docstring).
+    """
     progress = progress or NoProgress()
     series_uid = derivation.uid("series", series.key)
     result = SeriesResult(input=str(series.folder), output=str(final), series_uid=series.series_uid,
-                          output_series_uid=series_uid, slices=series.n_slices, status="done")
+                          output_series_uid=series_uid, slices=series.n_slices + len(series.bad),
+                          status="done", bad_files=[(str(p), r) for p, r in series.bad])
     start = time.perf_counter()
     progress.series_started(series, final)
     try:
@@ -258,11 +278,20 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
             denoiser, derivation = adapt(series, derivation)
         with staged_folder(final, overwrite=options.overwrite, resume=True,
                            n_files=series.n_slices) as staging:
-            done = complete_slices(staging, series.n_slices)
+            done = _resumable_slices(staging, series)
             result.resumed_slices = len(done)
-            result.clipped_pixels = _stream(series, staging, denoiser=denoiser, derivation=derivation,
-                                            options=options, executor=executor, progress=progress,
-                                            skip=done)
+            result.clipped_pixels, bad = _stream(series, staging, denoiser=denoiser, derivation=derivation,
+                                                 options=options, executor=executor, progress=progress,
+                                                 skip=done)
+            result.bad_files += bad
+            if len(bad) == series.n_slices:  # nothing to publish: staging is removed
+                raise SeriesError(f"{series.folder}: no slice could be used ({len(result.bad_files)} bad "
+                                  "files, each reported)")
+            _mark_incomplete(staging, series, result.bad_files)
+        if result.bad_files:
+            result.status = "incomplete"
+            result.error = (f"incomplete: {len(result.bad_files)} of {result.slices} files could not be used "
+                            "(each reported); a rerun retries them")
         details = getattr(denoiser, "series_details", None)
         result.measured = details() if details is not None else None
     except AlreadyComplete:  # another run finished it while this one waited
@@ -271,25 +300,72 @@ def process_series(series: Series, final: Path, *, denoiser, derivation: Derivat
         result.status, result.output = "failed", None
         if isinstance(exc, (LdctError, FolderBusy)):
             result.error = str(exc)
-        elif isinstance(exc, OSError):
-            result.error = f"{final}: cannot write ({exc})"
+        elif isinstance(exc, OSError):  # a bad element is an EncodeError: this is the disk's
+            result.error = f"{final}: cannot write ({exc.strerror or brief(exc)})"
         else:  # a case nobody foresaw: still one line, naming the series
-            detail = (str(exc).strip().splitlines() or [""])[0]
-            result.error = f"{series.folder}: unexpected {type(exc).__name__}: {detail}"
+            result.error = f"{series.folder}: unexpected {type(exc).__name__}: {brief(exc)}"
     result.seconds = round(time.perf_counter() - start, 3)
     progress.series_finished(result)
     return result
 
 
+def _slices_sha256(series: Series) -> str:
+    """What the output of ``series`` is made from: its slices' files and SOP Instance UIDs, in order."""
+    listing = [[s.path.relative_to(series.folder).as_posix(), s.sop_instance_uid] for s in series.slices]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _resumable_slices(staging: Path, series: Series) -> set[int]:
+    """The slices in ``staging`` that can be kept. An incomplete series made from other slices
+    (a bad file since fixed, a file added or removed) starts again: its numbering and its
+    slices' neighbours changed."""
+    marker = staging / INCOMPLETE_MARKER
+    if marker.exists():
+        try:
+            made_from = json.loads(marker.read_text()).get("slices_sha256")
+        except (OSError, ValueError, AttributeError):
+            made_from = None
+        if made_from != _slices_sha256(series):
+            for item in staging.iterdir():
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+    return complete_slices(staging, series.n_slices)
+
+
+def _mark_incomplete(staging: Path, series: Series, bad_files: list[tuple[str, str]]) -> None:
+    """Write (or, for a complete series, remove) the ``INCOMPLETE_MARKER`` of ``staging``."""
+    marker = staging / INCOMPLETE_MARKER
+    if not bad_files:
+        marker.unlink(missing_ok=True)
+        return
+    record = {"series_uid": series.series_uid, "slices_sha256": _slices_sha256(series),
+              "slices": series.n_slices + len(series.bad),
+              "bad_files": [{"path": p, "error": r} for p, r in bad_files],
+              "note": "incomplete: these input files could not be used; `ldct denoise` run again retries them"}
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+
+
+def _load_or_error(path: Path):
+    """``load_slice``, or the file's DicomError returned: it leaves out that slice, not the series."""
+    try:
+        return load_slice(path)
+    except DicomError as exc:
+        return exc
+
+
 def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
             options: DenoiseOptions, executor: cf.Executor, progress: Progress,
-            skip: set[int] = frozenset()) -> int:
+            skip: set[int] = frozenset()) -> tuple[int, list[tuple[str, str]]]:
     """Read, denoise and write every slice of ``series`` into ``staging`` but those in
-    ``skip`` (already there); return clipped count.
+    ``skip`` (already there); return the clipped count and the bad slices' (path, why).
 
     Workers decode (``load_slice``) and encode (``write_slice``); this process converts
     to HU, runs the model in batches, blends, converts back and restores padding, so
-    only stored values and headers cross between processes.
+    only stored values and headers cross between processes. A slice whose file fails
+    (DicomError) is left out; its neighbours take its place as context.
     """
     n = series.n_slices
     destinations = [staging / f"{i + 1:04d}.dcm" for i in range(n)]
@@ -297,65 +373,85 @@ def _stream(series: Series, staging: Path, *, denoiser, derivation: Derivation,
     unique = [seen[s.sop_instance_uid] == 1 for s in series.slices]
     lookahead = 2 * max(1, options.workers) + (denoiser.batch_size + denoiser.context_slices
                                                if denoiser is not None else 0)
-    writes: deque[cf.Future] = deque()
+    writes: deque[tuple[int, cf.Future]] = deque()
+    bad: list[tuple[str, str]] = []
     clipped = 0
     if skip:
         progress.slices_done(len(skip))
 
-    def submit_write(fn, job) -> None:
-        # Keep at most `lookahead` writes in flight: memory stays flat on any series length.
+    def reject(index: int, reason: str) -> None:  # a slice that never reaches a write
+        bad.append((str(series.slices[index].path), reason))
+        progress.slices_done(1)
+
+    def collect() -> None:
         nonlocal clipped
-        writes.append(executor.submit(fn, job))
+        index, future = writes.popleft()
+        try:
+            clipped += future.result()
+        except DicomError as exc:  # the source file's fault (OSError, the disk's, fails the series)
+            bad.append((str(series.slices[index].path), exc.reason))  # counted when submitted
+
+    def submit_write(index: int, fn, job) -> None:
+        # Keep at most `lookahead` writes in flight: memory stays flat on any series length.
+        writes.append((index, executor.submit(fn, job)))
         progress.slices_done(1)  # counted as it leaves the model, so progress moves batch by batch
         while len(writes) > lookahead:
-            clipped += writes.popleft().result()
+            collect()
 
     try:
         if options.blend >= 1.0:  # output = input: each slice is read and written in one worker
             for i, s in enumerate(series.slices):
                 if i in skip:
                     continue
-                submit_write(copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
-                                                 derivation=derivation, path=destinations[i],
-                                                 unique_source_uid=unique[i]))
+                submit_write(i, copy_slice, CopyJob(source=s.path, series_key=series.key, index=i,
+                                                    derivation=derivation, path=destinations[i],
+                                                    unique_source_uid=unique[i]))
         else:
-            slices = ordered_map(executor, load_slice, [s.path for s in series.slices], lookahead)
-            for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend, skip):
+            slices = ordered_map(executor, _load_or_error, [s.path for s in series.slices], lookahead)
+            for i, header, out_stored, n_clipped in _denoised(slices, n, denoiser, options.blend, skip,
+                                                              reject=reject):
                 uids = OutputUIDs.for_slice(header, derivation=derivation, series_key=series.key,
                                             index=i, unique_source_uid=unique[i])
-                submit_write(write_slice, SliceJob(header=header, stored=out_stored,
-                                                   n_clipped=n_clipped, uids=uids,
-                                                   derivation=derivation, path=destinations[i]))
+                submit_write(i, write_slice, SliceJob(header=header, stored=out_stored,
+                                                      n_clipped=n_clipped, uids=uids, derivation=derivation,
+                                                      path=destinations[i], source=series.slices[i].path))
         while writes:
-            clipped += writes.popleft().result()
+            collect()
     except BaseException:
         # No worker may still be writing into the staging folder when it is removed.
-        for future in writes:
+        for _, future in writes:
             future.cancel()
-        cf.wait(writes)
+        cf.wait([future for _, future in writes])
         raise
-    return clipped
+    return clipped, bad
 
 
-def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
-              blend: float, skip: set[int] = frozenset()) -> Iterator[tuple[int, Any, np.ndarray, int]]:
+def _denoised(slices: Iterator[tuple[Any, np.ndarray] | DicomError], n: int, denoiser,
+              blend: float, skip: set[int] = frozenset(), *,
+              reject: Callable[[int, str], None] = lambda index, reason: None,
+              ) -> Iterator[tuple[int, Any, np.ndarray, int]]:
     """Yield ``(index, header, output stored values, pixels clipped)`` for slices in order,
-    but those in ``skip`` (still read, as other slices' context).
+    but those in ``skip`` (still read, as other slices' context) and the bad ones (a
+    DicomError in ``slices``, or failing here), which go to ``reject(index, why)``.
 
     Slices are batched (same matrix size only), each with its ``context_slices``
-    neighbours (replicated at the ends of the series; a neighbour of another matrix size
-    is replaced by the slice itself). Only the slices still needed as context are kept.
+    neighbours (replicated at the ends of the series; a bad neighbour, or one of another
+    matrix size, is replaced by the slice itself). Only the slices still needed as
+    context are kept.
     """
     half = denoiser.context_slices // 2
-    loaded: dict[int, tuple[Any, np.ndarray, np.ndarray]] = {}
+    loaded: dict[int, tuple[Any, np.ndarray, np.ndarray] | None] = {}
     batch: list[int] = []
+
+    def neighbour(j: int, center: np.ndarray) -> np.ndarray:
+        item = loaded.get(j)
+        return item[2] if item is not None and item[2].shape == center.shape else center
 
     def flush():
         stacks = []
         for i in batch:
             center = loaded[i][2]
-            stacks.append(np.stack([loaded[j][2] if loaded[j][2].shape == center.shape else center
-                                    for j in context_indices(i, n, denoiser.context_slices)]))
+            stacks.append(np.stack([neighbour(j, center) for j in context_indices(i, n, denoiser.context_slices)]))
         denoised = denoiser(np.stack(stacks), pixel_mm=pixel_spacing_mm(loaded[batch[0]][0]))
         if not np.isfinite(denoised).all():
             bad = [i + 1 for row, i in enumerate(batch) if not np.isfinite(denoised[row]).all()]
@@ -364,19 +460,29 @@ def _denoised(slices: Iterator[tuple[Any, np.ndarray]], n: int, denoiser,
         for row, i in enumerate(batch):
             header, stored, image_hu = loaded[i]
             out_hu = denoised[row] if blend == 0 else (1.0 - blend) * denoised[row] + blend * image_hu
-            out_stored, n_clipped = hu_to_stored(out_hu, header)
-            padding = padding_mask(header, stored, image_hu)
+            try:
+                out_stored, n_clipped = hu_to_stored(out_hu, header)
+                padding = padding_mask(header, stored, image_hu)
+            except Exception as exc:  # its header's values (checked when read) still did not serve
+                reject(i, f"cannot turn the output HU back into stored values ({type(exc).__name__}: "
+                          f"{brief(exc)})")
+                continue
             out_stored[padding] = stored[padding]  # not anatomy: written back unchanged
             yield i, header, out_stored, n_clipped
         batch.clear()
 
     next_out = 0
-    for index, (header, stored) in enumerate(slices):
-        slope, intercept = rescale_of(header)
-        loaded[index] = (header, stored, stored_to_hu(stored, slope, intercept))
+    for index, item in enumerate(slices):
+        if isinstance(item, DicomError):
+            loaded[index] = None
+            if index not in skip:  # a slice written before stays written
+                reject(index, item.reason)
+        else:
+            header, stored = item
+            loaded[index] = (header, stored, stored_to_hu(stored, *rescale_of(header)))
         # Every slice whose neighbours are all loaded can join a batch.
         while next_out < n and (next_out + half <= index or index == n - 1):
-            if next_out in skip:  # written by an earlier run
+            if next_out in skip or loaded[next_out] is None:  # written by an earlier run, or bad
                 next_out += 1
             else:
                 if batch and loaded[batch[0]][2].shape != loaded[next_out][2].shape:
@@ -423,26 +529,29 @@ def run_denoise(input_path: Path, output_dir: Path, *, denoiser, derivation: Der
     if denoiser is None and options.blend < 1.0:
         raise UsageError("a model is needed unless --blend 1")
     progress = progress or NoProgress()
-    found = discovery or discover(input_path)
-    summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
-                         failed_files=[(str(p), r) for p, r in found.failed])
-    progress.run_started(len(found.series))
-    with contextlib.nullcontext(executor) if executor else make_executor(options.workers) as executor:
-        for series in found.series:
-            series_uid = derivation.uid("series", series.key)
-            final = output_folder(series, input_path, output_dir, derivation, series_uid)
-            if not options.overwrite and len(complete_slices(final, series.n_slices)) == series.n_slices:
-                summary.series.append(SeriesResult(
-                    input=str(series.folder), output=str(final), series_uid=series.series_uid,
-                    output_series_uid=series_uid, slices=series.n_slices,
-                    status="skipped", error=ALREADY_COMPLETE))
-                progress.series_finished(summary.series[-1])
-                continue
-            result = process_series(series, final, denoiser=denoiser, derivation=derivation,
-                                    options=options, executor=executor, progress=progress)
-            if result.status == "failed":
-                _prune_empty_folders(final.parent, stop=output_dir)
-            summary.series.append(result)
+    with quiet_pydicom():  # why: ldct_cli.dicom.read; the workers silence them too
+        found = discovery or discover(input_path)
+        summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
+                             failed_files=[(str(p), r) for p, r in found.failed])
+        progress.run_started(len(found.series))
+        with contextlib.nullcontext(executor) if executor else make_executor(options.workers) as executor:
+            for series in found.series:
+                series_uid = derivation.uid("series", series.key)
+                final = output_folder(series, input_path, output_dir, derivation, series_uid)
+                if not options.overwrite and not series.bad and is_complete(final, series.n_slices):
+                    summary.series.append(SeriesResult(
+                        input=str(series.folder), output=str(final), series_uid=series.series_uid,
+                        output_series_uid=series_uid, slices=series.n_slices,
+                        status="skipped", error=ALREADY_COMPLETE))
+                    progress.series_finished(summary.series[-1])
+                    continue
+                result = process_series(series, final, denoiser=denoiser, derivation=derivation,
+                                        options=options, executor=executor, progress=progress)
+                if result.status == "failed":
+                    _prune_empty_folders(final.parent, stop=output_dir)
+                summary.series.append(result)
+                known = {path for path, _ in summary.failed_files}  # discovery's are there already
+                summary.failed_files += [(p, r) for p, r in result.bad_files if p not in known]
     return summary
 
 

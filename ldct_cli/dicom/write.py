@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,17 @@ from pydicom.uid import (
 from ldct_cli._version import __version__
 from ldct_cli.dicom.read import (
     CT_IMAGE_STORAGE,
+    brief,
+    element_name,
     load_slice,
+    quiet_pydicom,
     rescale_of,
     sop_class_of,
     sop_instance_of,
     transfer_syntax_of,
+    uid_of,
 )
+from ldct_cli.errors import DicomError
 from ldct_cli.fsutil import atomic_path
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
@@ -195,8 +201,8 @@ class OutputUIDs:
         source_sop = sop_instance_of(ds)
         if not source_sop or not unique_source_uid:
             source_sop = f"{series_key}/{index}/{source_sop}"
-        study = str(ds.get("StudyInstanceUID", "") or "")
-        frame = str(ds.get("FrameOfReferenceUID", "") or "")
+        study = uid_of(ds, "StudyInstanceUID")
+        frame = uid_of(ds, "FrameOfReferenceUID")
         return cls(
             sop_instance_uid=derivation.uid("instance", source_sop),
             series_instance_uid=derivation.uid("series", series_key),
@@ -310,10 +316,52 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, syntax: str) -> None:
     ds.file_meta.TransferSyntaxUID = syntax
 
 
+class EncodeError(ValueError):
+    """pydicom cannot encode a dataset: one of its elements is at fault, not the disk."""
+
+    def __init__(self, element: str | None, detail: str):
+        super().__init__(element, detail)
+        self.element, self.detail = element, detail
+
+    def __str__(self) -> str:
+        return f"{self.element + ': ' if self.element else ''}cannot be encoded ({self.detail})"
+
+
 def write_dataset(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM Part 10 file, atomically (temp file, then rename)."""
+    """Write ``ds`` as a DICOM Part 10 file, atomically (temp file, then rename).
+
+    It is encoded in memory first, so an element that cannot be encoded raises
+    ``EncodeError`` (the data's fault) and only the file system raises ``OSError``.
+    """
+    buffer = io.BytesIO()
+    try:
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    except Exception as exc:  # pydicom wraps some in OSError: into memory, none is the disk's
+        raise EncodeError(_unencodable_element(ds), brief(exc)) from None
     with atomic_path(path) as tmp:
-        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def _unencodable_element(ds: Dataset) -> str | None:
+    """The name of the first element of ``ds`` that pydicom cannot decode or encode, or None."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+            if element.VR == "SQ":
+                for item in element.value:
+                    inner = _unencodable_element(item)
+                    if inner is not None:
+                        return f"{element_name(tag)} > {inner}"
+            else:
+                write_data_element(fp, element)
+        except Exception:
+            return element_name(tag)
+    return None
 
 
 @dataclass
@@ -326,17 +374,32 @@ class SliceJob:
     uids: OutputUIDs
     derivation: Derivation
     path: Path
+    source: Path  # the input file: named when its elements cannot be written
 
 
 def write_slice(job: SliceJob) -> int:
     """Write one derived slice (atomically); return how many pixels were clipped.
 
-    Runs in worker processes.
+    An element of the source that cannot be carried into the output is the source's fault:
+    DicomError naming ``job.source``; OSError is the output's. Runs in worker processes.
     """
-    ds = derive_dataset(job.header, job.stored, uids=job.uids, derivation=job.derivation,
-                        n_clipped=job.n_clipped)
-    write_dataset(ds, job.path)
+    with quiet_pydicom():
+        try:
+            ds = derive_dataset(job.header, job.stored, uids=job.uids, derivation=job.derivation,
+                                n_clipped=job.n_clipped)
+            write_dataset(ds, job.path)
+        except EncodeError as exc:
+            raise DicomError(job.source, _not_writable(exc.element, exc.detail)) from None
+        except OSError:  # the disk's: it fails the series
+            raise
+        except Exception as exc:  # a source element the derivation cannot use (a wrong type, a bad VR)
+            detail = f"{type(exc).__name__}: {brief(exc)}"
+            raise DicomError(job.source, _not_writable(_unencodable_element(job.header), detail)) from None
     return job.n_clipped
+
+
+def _not_writable(element: str | None, detail: str) -> str:
+    return f"{element + ': ' if element else ''}cannot be written into a derived slice ({detail})"
 
 
 @dataclass(frozen=True)
@@ -354,7 +417,8 @@ class CopyJob:
 def copy_slice(job: CopyJob) -> int:
     """Read, derive and write one slice entirely in a worker: no pixels cross processes."""
     header, stored = load_slice(job.source)
-    uids = OutputUIDs.for_slice(header, derivation=job.derivation, series_key=job.series_key,
-                                index=job.index, unique_source_uid=job.unique_source_uid)
+    with quiet_pydicom():
+        uids = OutputUIDs.for_slice(header, derivation=job.derivation, series_key=job.series_key,
+                                    index=job.index, unique_source_uid=job.unique_source_uid)
     return write_slice(SliceJob(header=header, stored=stored, n_clipped=0, uids=uids,
-                                derivation=job.derivation, path=job.path))
+                                derivation=job.derivation, path=job.path, source=job.source))

@@ -291,7 +291,7 @@ def test_bad_inputs_are_reported_and_the_good_series_still_written(tmp_path, cli
     src = tmp_path / "in"
     write_series(src / "good", SeriesSpec(series_description="GOOD"))
     broken = write_series(src / "broken", SeriesSpec(series_description="BROKEN"))
-    write_truncated(broken[1], broken[1])  # pixel data cut: that series fails as a whole
+    write_truncated(broken[1], broken[1])  # pixel data cut: that slice is left out
     undecodable = write_series(src / "undecodable", SeriesSpec(series_description="UNDEC", n_slices=2))
     write_undecodable(undecodable[0], undecodable[0])
     write_undecodable(undecodable[1], undecodable[1], kind="unsupported_syntax")
@@ -307,20 +307,24 @@ def test_bad_inputs_are_reported_and_the_good_series_still_written(tmp_path, cli
     summary = _summary(result)
     status = {Path(s["input"]).name: s for s in summary["series"]}
     assert status["good"]["status"] == "done"
-    assert status["broken"]["status"] == "failed" and str(broken[1]) in status["broken"]["error"]
-    assert status["undecodable"]["status"] == "failed"
-    assert "cannot decode pixel data" in status["undecodable"]["error"]
+    assert status["broken"]["status"] == "incomplete" and status["broken"]["bad_files"] == [str(broken[1])]
+    assert len(_series_files(Path(status["broken"]["output"]))) == 3  # the good slices are written
+    assert status["undecodable"]["status"] == "failed"  # no slice of it could be used
+    failed = {item["path"]: item["error"] for item in summary["failed_files"]}
+    assert "Pixel Data truncated" in failed[str(broken[1])]
+    assert "cannot decode pixel data" in failed[str(undecodable[0])]
+    assert "cannot decode pixel data" in failed[str(undecodable[1])]
     skipped = {Path(item["path"]).name: item["reason"] for item in summary["skipped_files"]}
     assert skipped["notes.txt"] == "not a DICOM file" and skipped["junk.dcm"] == "not a DICOM file"
     assert "not a CT image" in skipped["mr.dcm"] and "not a CT image" in skipped["sr.dcm"]
     assert len(_series_files(Path(status["good"]["output"]))) == 4
-    # failed series leave nothing behind, and the input tree is untouched
+    # a failed series leaves nothing behind, and the input tree is untouched
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_dir()) == sorted(
-        [Path(status["good"]["output"]).name, "good"])
+        [Path(status["good"]["output"]).name, "good", Path(status["broken"]["output"]).name, "broken"])
     assert _tree_snapshot(src) == before
-    # one line per problem on stderr, naming the file
+    # one line per problem on stderr, naming the file (and one for the series not written)
     errors = [line for line in result.stderr.splitlines() if line.startswith("failed")]
-    assert len(errors) == 2 and any(str(broken[1]) in line for line in errors)
+    assert len(errors) == 4 and sum(str(broken[1]) in line for line in errors) == 1
 
 
 def test_not_dicom_file_as_the_only_input_is_an_error(tmp_path, cli, checkpoints):

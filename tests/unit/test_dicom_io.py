@@ -163,3 +163,30 @@ def test_derived_series_number_stays_in_the_is_range():
     assert derived_series_number("12345678901234567890", 2000) == 2000 + 567890  # its last six digits
     for value in (IS_MAX, "12345678901234567890", -IS_MAX - 1):
         assert len(str(derived_series_number(value, 1000))) <= 12
+
+
+def test_an_element_pydicom_cannot_encode_is_named_and_is_not_the_disks_fault(tmp_path):
+    """pydicom reports it as a multi-line OSError; written into memory first, it is the data's."""
+    import warnings
+
+    from ldct_cli.dicom.write import EncodeError, write_dataset
+
+    [path] = write_series(tmp_path / "in", SeriesSpec(n_slices=1))
+    ds = pydicom.dcmread(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds["Rows"].value = 70000  # more than a US holds
+    with pytest.raises(EncodeError) as info:
+        write_dataset(ds, tmp_path / "out.dcm")
+    assert str(info.value).startswith("(0028,0010) Rows: cannot be encoded (") and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing half-written
+
+
+def test_brief_keeps_one_short_line_without_long_values():
+    from ldct_cli.dicom.read import brief
+
+    message = ("Invalid value for VR UI: '1.2.826.0.1.3680043.8.498.41309794043272209405486248512604'. "
+               "Please see <https://dicom.nema.org> for allowed values\nfor data_element:\n(0010,0010) ...")
+    assert brief(message) == "Invalid value for VR UI: '...'."
+    assert brief(ValueError()) == "ValueError"
+    assert len(brief("x" * 500)) == 160
