@@ -13,14 +13,48 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+# typer 0.29 vendors click and exports neither (pinned; tests/e2e/test_cli_output.py fails if they move)
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer._click.globals import get_current_context
+from typer.core import TyperGroup
 
 from ldct_cli._version import __version__
 from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.models.registry import get_model_info, list_models
 from ldct_cli.training.config import PERCEPTUAL, PRECISIONS as TRAIN_PRECISIONS
 
+class _LdctGroup(TyperGroup):
+    """The ``ldct`` group: what no single command can do for itself.
+
+    A usage error found while parsing a command's options (a bad value, a missing
+    argument) still answers ``--json`` with a JSON error object on stdout; a Ctrl-C or
+    SIGTERM that a command does not handle itself says what is left and exits 130 / 143
+    (commands write through temp files and staging folders, so nothing is half-written).
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["ldct.argv"] = argv
+        return ctx
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ClickUsageError as exc:
+            if "--json" in ctx.meta.get("ldct.argv", ()):
+                typer.echo(json.dumps({"version": __version__, "error": exc.format_message(),
+                                       "exit_code": exc.exit_code}, indent=2))
+            raise
+        except (KeyboardInterrupt, typer.Abort):
+            err.print("interrupted: stopped; no file is left half-written (each is written through a "
+                      "temporary name); run the same command again to redo it", markup=False)
+            raise typer.Exit(_interrupted_exit_code()) from None
+
+
 app = typer.Typer(
     name="ldct",
+    cls=_LdctGroup,
     help="Denoise low-dose CT DICOM series with trained generative models "
          "(RED-CNN, WGAN-VGG, Pix2Pix).",
     pretty_exceptions_show_locals=False,  # a traceback must never print a DICOM header
@@ -67,7 +101,12 @@ def _main(
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """One ``error:`` line on stderr and, for a command given --json, a JSON error object on
+    stdout (a pipeline reading stdout gets an answer too); raise what it returns."""
     err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
+    ctx = get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("json_out"):
+        typer.echo(json.dumps({"version": __version__, "error": message, "exit_code": code}, indent=2))
     return typer.Exit(code)
 
 
@@ -183,8 +222,6 @@ def _dry_run(input_path: Path, output_dir: Path, *, build, options, json_out: bo
         found = discover(input_path)
     except LdctError as exc:
         code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
-        if json_out:
-            typer.echo(json.dumps({"version": __version__, "error": str(exc), "exit_code": code}, indent=2))
         raise _fail(str(exc), code)
     summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
                          failed_files=[(str(p), r) for p, r in found.failed])
@@ -255,8 +292,6 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
         raise typer.Exit(_interrupted_exit_code())
     except LdctError as exc:
         code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
-        if json_out:  # a pipeline reading stdout gets an answer too
-            typer.echo(json.dumps({"version": __version__, "error": str(exc), "exit_code": code}, indent=2))
         raise _fail(str(exc), code)
 
     for path, reason in summary.skipped_files:
@@ -438,7 +473,7 @@ def noise(
     from rich.table import Table as RichTable
 
     from ldct_cli import scan_noise
-    from ldct_cli.fsutil import is_within
+    from ldct_cli.fsutil import atomic_path, is_within
 
     if out is not None and input_path.exists() and is_within(out, input_path if input_path.is_dir()
                                                                    else input_path.parent):
@@ -461,7 +496,8 @@ def noise(
     written = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "noise.json").write_text(json.dumps(payload, indent=2))
+        with atomic_path(out / "noise.json") as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
         written = [out / "noise.json", *scan_noise.write_nps_plots(out, reports)]
     if json_out:
         typer.echo(json.dumps(payload, indent=2))

@@ -127,3 +127,47 @@ def test_dry_run_checks_the_options_and_paths_like_a_run(tmp_path, cli):
     empty.mkdir()
     nothing = cli("denoise", empty, tmp_path / "out", "--model", "nlm", "--dry-run")
     assert nothing.exit_code == 1 and "no CT series found" in nothing.stderr
+
+
+# --- --json answers every failure; Ctrl-C says what is left -------------------------------
+
+@pytest.mark.parametrize("args", [
+    ("denoise", "IN", "OUT", "--model", "nlm", "--batch-size", "x"),  # parsed by typer
+    ("denoise", "IN", "OUT", "--model", "nlm", "--no-such-flag"),
+    ("denoise", "IN", "OUT", "--model", "redcnn", "--device", "bogus"),  # checked by the command
+    ("noise", "MISSING"),
+    ("evaluate", "MISSING"),
+])
+def test_json_gets_an_error_object_on_usage_errors(tmp_path, cli, args):
+    write_study(tmp_path / "in", [SeriesSpec(n_slices=1)])
+    given = [str(tmp_path / "in") if a == "IN" else str(tmp_path / "out") if a == "OUT"
+             else str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    result = cli(*given, "--json")
+    assert result.exit_code == 2, result.output
+    answer = json.loads(result.stdout)
+    assert answer["exit_code"] == 2 and answer["error"] and "\n" not in answer["error"]
+    assert not (tmp_path / "out").exists()
+    plain = cli(*given)  # without --json stdout stays empty
+    assert plain.exit_code == 2 and plain.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["prepare", "evaluate"])
+def test_ctrl_c_in_a_command_says_what_is_left_and_exits_130(tmp_path, cli, monkeypatch, command):
+    from ldct_cli import evaluate as ev
+    from ldct_cli import prepare as prep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    write_study(tmp_path / "low", [SeriesSpec(n_slices=2)])
+    write_study(tmp_path / "full", [SeriesSpec(n_slices=2)])
+    if command == "prepare":
+        monkeypatch.setattr(prep, "prepare", interrupted)
+        args = ("prepare", tmp_path / "data", "--low", tmp_path / "low", "--full", tmp_path / "full")
+    else:
+        monkeypatch.setattr(ev, "evaluate", interrupted)
+        args = ("evaluate", tmp_path / "low", "--reference", tmp_path / "full", "--out", tmp_path / "data")
+    result = cli(*args)
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr and "run the same command again" in result.stderr
+    assert "Aborted" not in result.output and "Traceback" not in result.output
