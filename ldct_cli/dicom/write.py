@@ -53,15 +53,29 @@ JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
 _KEEP_AS_IS = {DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless}
 # JPEG Lossless has no encoder in pydicom's plugins: JPEG-LS lossless is its nearest kin.
 _KEEP_AS_JPEG_LS = {JPEG_LOSSLESS, JPEGLosslessSV1}
-# Lossy syntaxes and the Lossy Image Compression Method each one implies.
+# Syntaxes that may be lossy and the Lossy Image Compression Method each one implies. JPEG
+# baseline/extended and near-lossless JPEG-LS always are; JPEG 2000 and HTJ2K (.91, .203)
+# may be either, so the source's own Lossy Image Compression "00" is believed there. The
+# HTJ2K "Lossless Only" syntaxes (.201, .202) are never lossy.
 _LOSSY_METHOD = {
     "1.2.840.10008.1.2.4.50": "ISO_10918_1",
     "1.2.840.10008.1.2.4.51": "ISO_10918_1",
     "1.2.840.10008.1.2.4.81": "ISO_14495_1",
     "1.2.840.10008.1.2.4.91": "ISO_15444_1",
-    "1.2.840.10008.1.2.4.201": "ISO_15444_15",
     "1.2.840.10008.1.2.4.203": "ISO_15444_15",
 }
+_LOSSLESS_OR_LOSSY = {"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
+
+
+def went_through_lossy_compression(source_syntax: str, source_flag) -> bool:
+    """Whether pixels stored in ``source_syntax`` (with the source's Lossy Image Compression
+    value ``source_flag``) were lossy-compressed: where the syntax allows both, the source's
+    "00" is believed, and a missing value is taken as lossy (the safe answer)."""
+    if source_syntax not in _LOSSY_METHOD:
+        return False
+    return not (source_syntax in _LOSSLESS_OR_LOSSY and str(source_flag or "").strip() == "00")
+
+
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["ldct-cli implementation"])
 IMPLEMENTATION_VERSION_NAME = ("LDCT_" + __version__.replace(".", "_"))[:16]
 TRANSFER_SYNTAX_CHOICES = ("explicit", "keep")
@@ -236,7 +250,7 @@ def derive_dataset(ds: Dataset, stored: np.ndarray, *, uids: OutputUIDs, derivat
     ds.InstanceCreationDate = ds.ContentDate = derivation.processed_date
     ds.InstanceCreationTime = ds.ContentTime = derivation.processed_time
 
-    if source_syntax in _LOSSY_METHOD:
+    if went_through_lossy_compression(source_syntax, ds.get("LossyImageCompression")):
         # The pixels went through lossy compression once: that fact is never reset.
         ds.LossyImageCompression = "01"
         methods = [str(m) for m in (ds.get("LossyImageCompressionMethod") or []) if m]

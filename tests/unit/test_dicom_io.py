@@ -190,3 +190,21 @@ def test_brief_keeps_one_short_line_without_long_values():
     assert brief(message) == "Invalid value for VR UI: '...'."
     assert brief(ValueError()) == "ValueError"
     assert len(brief("x" * 500)) == 160
+
+
+@pytest.mark.parametrize("syntax, flag, lossy", [
+    ("1.2.840.10008.1.2.4.50", "00", True),    # JPEG baseline is lossy whatever the header says
+    ("1.2.840.10008.1.2.4.81", None, True),    # near-lossless JPEG-LS
+    ("1.2.840.10008.1.2.4.91", None, True),    # JPEG 2000 either way: unsaid is taken as lossy
+    ("1.2.840.10008.1.2.4.91", "00", False),   # ... unless the source says it was not
+    ("1.2.840.10008.1.2.4.203", "00", False),  # HTJ2K, either way
+    ("1.2.840.10008.1.2.4.203", "01", True),
+    ("1.2.840.10008.1.2.4.201", None, False),  # HTJ2K Lossless Only
+    ("1.2.840.10008.1.2.4.202", None, False),  # HTJ2K RPCL Lossless Only
+    ("1.2.840.10008.1.2.4.90", None, False),   # JPEG 2000 Lossless Only
+    ("1.2.840.10008.1.2.1", None, False),
+])
+def test_which_source_syntaxes_mark_the_output_lossy(syntax, flag, lossy):
+    from ldct_cli.dicom.write import went_through_lossy_compression
+
+    assert went_through_lossy_compression(syntax, flag) is lossy
