@@ -143,6 +143,22 @@ def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
     return tests, references
 
 
+def denoised_series(test: InputSeries, name: str, denoiser) -> ArraySeries:
+    """``denoiser``'s output on the DICOM series ``test``, computed as evaluate reads it:
+    each slice with its ``context_slices`` neighbours (replicated at the series' ends), as
+    ``ldct denoise`` feeds a series. Same positions and frame as ``test``, so it pairs
+    with ``test``'s reference."""
+    n, k = test.n_slices, int(getattr(denoiser, "context_slices", 1))
+
+    def run(indices: list[int]) -> np.ndarray:
+        around = np.clip(np.asarray(indices)[:, None] + np.arange(k) - k // 2, 0, n - 1)
+        stack = np.stack([test.read_hu(list(row)) for row in around])
+        return np.asarray(denoiser(stack, pixel_mm=test.pixel_mm), dtype=np.float32)
+
+    return ArraySeries(label=name, folder=f"{test.folder} [{name}]", z_mm=test.z_mm, pixel_mm=test.pixel_mm,
+                       shape=test.shape, reader=run, frame_uid=test.frame_uid)
+
+
 def load_input(folder: Path, label: str | None = None) -> list[InputSeries]:
     """Every CT series under ``folder`` (usually one), with what pairing needs."""
     if not Path(folder).exists():

@@ -125,6 +125,59 @@ def test_quality_bar_for_an_adversarial_model_compares_texture_with_the_mse_mode
     assert not bundled.quality_bar(_rows(), "m", objective="adversarial")["pass"]
 
 
+def _real_groups(out_psnr=(24.5, 32.0, 27.7), bias=1.0, ssim=0.74, low_psnr=(19.2, 28.0, 22.9)) -> dict:
+    """Three real groups (the mayo_dev shape): input, best-swept filters, the model."""
+    groups = {}
+    for k, (low, nlm, out) in enumerate(zip(low_psnr, (23.9, 31.4, 27.1), out_psnr)):
+        row = {"noise_sd_hu": 20.0, "f_avg": 0.2, "hu_bias": 0.0}
+        groups[f"g{k + 1}"] = {"slices": 10, "rows": {
+            "low dose": {**row, "psnr_db": low, "ssim": 0.68},
+            "gaussian": {**row, "psnr_db": nlm - 0.5, "ssim": 0.70},
+            "nlm": {**row, "psnr_db": nlm, "ssim": 0.72},
+            "tv": {**row, "psnr_db": nlm - 0.3, "ssim": 0.71},
+            "redcnn": {**row, "psnr_db": out, "ssim": ssim, "hu_bias": bias},
+            "reference": {"noise_sd_hu": 10.0, "f_avg": 0.25}}}
+    return groups
+
+
+def _real_bar(**kwargs) -> dict:
+    return bundled.real_data_bar({g: v["rows"] for g, v in _real_groups(**kwargs).items()}, "redcnn")
+
+
+def test_real_data_bar_needs_every_group_above_the_best_nlm_and_a_mean_gain():
+    bar = _real_bar()
+    assert bar["pass"] and round(bar["checks"]["mean_psnr_gain_db"]["value"], 2) == 4.70
+    # one group only 0.4 dB above its best NLM fails, although the mean gain is met
+    missed = _real_bar(out_psnr=(24.3, 32.0, 27.7))
+    assert not missed["pass"] and [k for k, c in missed["checks"].items() if not c["pass"]] == [
+        "g1 psnr_over_best_nlm_db"]
+    # every group 0.5 dB above NLM but the mean gain under 4.5 dB
+    low_gain = _real_bar(out_psnr=(24.4, 31.9, 27.6), low_psnr=(19.5, 28.0, 23.0))  # mean gain 4.47
+    assert [k for k, c in low_gain["checks"].items() if not c["pass"]] == ["mean_psnr_gain_db"]
+    assert not _real_bar(ssim=0.71)["pass"]  # under the best classical SSIM (NLM's 0.72)
+    assert not _real_bar(bias=-5.5)["pass"]
+    groups = _real_groups()
+    del groups["g2"]["rows"]["nlm"]  # a comparison row missing fails its check, never passes
+    assert not bundled.real_data_bar({g: v["rows"] for g, v in groups.items()}, "redcnn")["pass"]
+
+
+def test_meets_bar_needs_the_real_data_bar_and_the_held_out_one():
+    rows = {"low dose": {"psnr_db": 20.0, "ssim": 0.8, "noise_sd_hu": 80.0, "hu_bias": 0.0, "f_avg": 0.19},
+            "redcnn": {"psnr_db": 23.5, "ssim": 0.84, "noise_sd_hu": 40.0, "hu_bias": -1.0, "f_avg": 0.14},
+            "reference": {"noise_sd_hu": 45.0, "f_avg": 0.17}}
+    held = [{"name": "block", "series": "s", "rows": rows,
+             "bar": bundled.quality_bar(rows, "redcnn", objective="mse", classical_psnr=21.0)}]
+
+    def entry(**record):
+        return bundled.BundledWeights("redcnn", "f", "x", record)
+
+    assert entry().meets_bar is None  # nothing scored (a feature extractor)
+    assert entry(held_out=held).meets_bar is False  # the simulated held-out bar alone is not enough
+    assert entry(held_out=held, real_data={"name": "m", "bar": _real_bar()}).meets_bar is True
+    failing = entry(held_out=held, real_data={"name": "m", "bar": _real_bar(out_psnr=(24.3, 32.0, 27.7))})
+    assert failing.meets_bar is False and failing.failed_checks() == ["m: g1 psnr_over_best_nlm_db 0.4"]
+
+
 def test_models_lists_bundled_weights_with_training_data(weights, cli):
     listed = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)}
     assert listed["redcnn"]["bundled_weights"] == str(weights / "redcnn.safetensors")
@@ -143,6 +196,9 @@ def test_models_is_a_table_of_80_columns_with_details_by_name(weights, cli, monk
             "reference": {"noise_sd_hu": 45.0, "f_avg": 0.17}}
     entry["held_out"] = [{"name": "block", "series": "s", "rows": rows,
                           "bar": bundled.quality_bar(rows, "redcnn", objective="mse", classical_psnr=21.0)}]
+    groups = _real_groups(out_psnr=(24.5, 32.0, 27.7))
+    entry["real_data"] = {"name": "mayo", "groups": groups,
+                          "bar": bundled.real_data_bar({g: v["rows"] for g, v in groups.items()}, "redcnn")}
     bundled.write_manifest({"redcnn": entry}, weights)
     result = cli("models")
     assert result.exit_code == 0
@@ -151,12 +207,15 @@ def test_models_is_a_table_of_80_columns_with_details_by_name(weights, cli, monk
     by_name = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in
                list_models(None)}
     assert list(by_name) == list_models(None)  # one row each, in the registry's order
-    assert by_name["redcnn"][1:] == ["generator", "yes", "23.50", "+3.50", "met"]
+    assert by_name["redcnn"][1:] == ["generator", "yes", "+4.70", "+3.50", "met"]
     assert by_name["pix2pix"][1:3] == ["generator", "no"]
     assert by_name["nlm"][1:4] == ["classical", "no", "weights"]
-    assert "paper:" not in result.stdout and "details: ldct models NAME" in result.stdout
+    assert "paper:" not in result.stdout and "details: ldct models NAME" in " ".join(result.stdout.split())
     detail = cli("models", "redcnn").stdout
-    assert "paper: H. Chen" in detail and "held out, block (s): PSNR 23.50 dB (+3.50)" in " ".join(detail.split())
+    detail = " ".join(detail.split())
+    assert "paper: H. Chen" in detail and "held out, block (s): PSNR 23.50 dB (+3.50)" in detail
+    assert ("real data, mayo (g1, 10 slices): PSNR 24.50 dB (input 19.20, +5.30; best NLM 23.90), "
+            "SSIM 0.740 (best classical 0.720)") in detail and "real-data bar met" in detail
     unknown = cli("models", "nope")
     assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.stderr
 
@@ -184,7 +243,8 @@ def test_weights_that_miss_the_bar_are_flagged_as_a_preview(weights, tmp_path, c
                                                                  classical_psnr=21.0)}]
     bundled.write_manifest(entries, weights)
     assert bundled.read_manifest(weights)["redcnn"].meets_bar is False
-    assert bundled.read_manifest(weights)["redcnn"].failed_checks() == ["block: psnr_gain_db 2.5"]
+    assert bundled.read_manifest(weights)["redcnn"].failed_checks() == ["real data: not scored",
+                                                                        "block: psnr_gain_db 2.5"]
     write_series(tmp_path / "in", SeriesSpec(n_slices=1))
     result = cli("denoise", tmp_path / "in", tmp_path / "out", "--model", "redcnn", "--quiet")
     assert result.exit_code == 0
@@ -239,6 +299,10 @@ def test_each_bundled_checkpoint_is_intact_documented_and_made_by_ldct_train(nam
                                                              default=None))
             if get_model_info(name).objective == "mse":
                 assert recheck == test["bar"]
+        # ... and on real quarter-dose scans it never saw: the bar recomputed from the rows
+        real = record.get("real_data")
+        assert real and real["groups"], f"{name}: no real-data scores (tools/bundle_weights.py --real)"
+        assert real["bar"] == bundled.real_data_bar({g: v["rows"] for g, v in real["groups"].items()}, name)
         assert entry.meets_bar is not None
 
 
