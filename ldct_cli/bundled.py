@@ -228,3 +228,80 @@ def real_data_bar(groups: dict[str, dict[str, dict[str, float]]], model: str) ->
         check["pass"] = value is not None and bool(value >= check["at_least"] if "at_least" in check
                                                    else value <= check["at_most"])
     return {"checks": checks, "pass": all(c["pass"] for c in checks.values())}
+
+
+# --- what `ldct models` says of an entry ------------------------------------------------
+
+def score_cells(row: dict) -> list[str]:
+    """``ldct models``' cells: bundled or not, the mean PSNR gain on real quarter-dose data,
+    the gain on the first simulated held-out set the bar decides on, the bar."""
+    if row["kind"] == "classical":
+        return ["no weights", "-", "-", "-"]
+    entry = row["bundled"]
+    if entry is None:
+        return ["no", "-", "-", "-"]
+    bar = {True: "met", False: "NOT met", None: "-"}[row["meets_bar"]]
+    real = (entry.get("real_data") or {}).get("bar", {}).get("checks", {}).get("mean_psnr_gain_db", {})
+    real_gain = f"{real['value']:+.2f}" if real.get("value") is not None else "-"
+    tests = entry.get("held_out") or []
+    test = next((t for t in tests if t.get("bar_applies", True)), tests[0] if tests else None)
+    if test is None:
+        return ["yes", real_gain, "-", bar]
+    low, out = test["rows"]["low dose"]["psnr_db"], test["rows"][row["name"]]["psnr_db"]
+    return ["yes", real_gain, f"{out - low:+.2f}", bar]
+
+
+def _real_data_lines(entry: dict, name: str) -> list[str]:
+    """``ldct models NAME``: each real quarter-dose group's scores, then the real-data bar."""
+    real = entry.get("real_data")
+    if real is None:
+        return ["real data: not scored (the quality bar needs it)"] if entry.get("held_out") else []
+    lines = []
+    for group, scored in real["groups"].items():
+        rows = scored["rows"]
+        low, out, nlm, ref = rows["low dose"], rows[name], rows.get("nlm"), rows.get("reference", {})
+        classical = max((rows[f]["ssim"] for f in ("gaussian", "nlm", "tv") if f in rows), default=None)
+        lines.append(
+            f"real data, {real['name']} ({group}, {scored['slices']} slices): PSNR {out['psnr_db']:.2f} dB "
+            f"(input {low['psnr_db']:.2f}, {out['psnr_db'] - low['psnr_db']:+.2f}"
+            + (f"; best NLM {nlm['psnr_db']:.2f}" if nlm else "") + f"), SSIM {out['ssim']:.3f}"
+            + (f" (best classical {classical:.3f})" if classical is not None else "")
+            + f", HU bias {out['hu_bias']:+.1f}, NPS f_avg {out['f_avg']:.3f}"
+            + (f" (full dose {ref['f_avg']:.3f})" if "f_avg" in ref else ""))
+    bar = real["bar"]
+    lines.append("real-data bar " + ("met" if bar["pass"] else "NOT met: " + ", ".join(missed_checks(real))))
+    return lines
+
+
+def describe_lines(row: dict) -> list[str]:
+    """What ``ldct models NAME`` says about a model's bundled weights (``row``: its listing)."""
+    entry = row["bundled"]
+    if row["kind"] == "classical":
+        return ["no weights: a filter (ldct denoise / ldct evaluate --model " + row["name"] + ")"]
+    if entry is None:
+        return ["bundled weights: none (train with `ldct train`, denoise with --weights RUN_DIR)"]
+    training, data = entry.get("training", {}), entry.get("data", {})
+    series = "; ".join(f"{s['folder']} ({s.get('scanner', '?')}; {s.get('source', '?')}, {s.get('licence', '?')})"
+                       for s in data.get("series", [])) or "?"
+    dose = ""
+    if data.get("simulated_dose") and data.get("i0"):
+        doses = data.get("simulated_doses") or [data["simulated_dose"]]
+        i0 = "scan-matched" if data["i0"] == "matched" else f"{data['i0']:g}"
+        dose = (f", simulated dose {doses[0]:g} (I0 {i0})" if len(doses) == 1 else
+                ", simulated doses " + ", ".join(f"{d:g}" for d in doses)
+                + f" (I0 {i0}; validated at {doses[0]:g})")
+    size = f" ({entry['bytes'] / 1e6:.1f} MB)" if "bytes" in entry else ""
+    lines = [f"bundled weights: {entry['file']}{size}, {training.get('steps', '?')} steps, "
+             f"{training.get('minutes', '?')} min on {training.get('hardware', '?')}",
+             f"trained on: {series}{dose}", *_real_data_lines(entry, row["name"])]
+    for test in entry.get("held_out", []):
+        low, out = test["rows"]["low dose"], test["rows"][row["name"]]
+        bar = test["bar"]
+        lines.append(f"held out, {test['name']} ({test['series']}): PSNR {out['psnr_db']:.2f} dB "
+                     f"({out['psnr_db'] - low['psnr_db']:+.2f}), SSIM {out['ssim']:.3f} ({low['ssim']:.3f}), "
+                     f"noise {out['noise_sd_hu']:.1f} HU ({low['noise_sd_hu']:.1f}), HU bias "
+                     f"{out['hu_bias']:+.1f}, NPS f_avg {out['f_avg']:.3f} (full dose "
+                     f"{test['rows']['reference']['f_avg']:.3f}); quality bar "
+                     + ("met" if bar["pass"] else "NOT met: " + ", ".join(missed_checks(test)))
+                     + ("" if test.get("bar_applies", True) else " (reported, not required)"))
+    return lines

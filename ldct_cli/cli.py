@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -110,6 +111,17 @@ def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _errors_exit(also: tuple[type[BaseException], ...] = ()):
+    """Each command's library calls run inside this: a library error (or one of ``also``)
+    becomes one ``error:`` line (and the --json error object) and the exit code, 2 for a
+    usage error, 1 for anything else."""
+    try:
+        yield
+    except (LdctError, *also) as exc:
+        raise _fail(str(exc), EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED) from None
+
+
 @app.command()
 def denoise(
     input_path: Annotated[Path, typer.Argument(
@@ -209,7 +221,7 @@ def _dry_run(input_path: Path, output_dir: Path, *, build, options, json_out: bo
     from ldct_cli.fsutil import is_complete, is_within
     from ldct_cli.pipeline import ALREADY_COMPLETE, RunSummary, SeriesResult, output_folder
 
-    try:
+    with _errors_exit():
         opts = options()
         if not input_path.exists():
             raise UsageError(f"{input_path}: no such file or folder")
@@ -220,9 +232,6 @@ def _dry_run(input_path: Path, output_dir: Path, *, build, options, json_out: bo
             raise UsageError(f"{output_dir}: exists and is not a folder")
         _, derivation = build(opts)  # as the run does: unknown models, bad weights fail here
         found = discover(input_path)
-    except LdctError as exc:
-        code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
-        raise _fail(str(exc), code)
     summary = RunSummary(skipped_files=[(str(p), r) for p, r in found.skipped],
                          failed_files=[(str(p), r) for p, r in found.failed])
     for series in found.series:
@@ -277,24 +286,22 @@ def _run_pipeline(input_path: Path, output_dir: Path, *, build, options, quiet: 
     from ldct_cli.cli_progress import RichProgress
     from ldct_cli.pipeline import make_executor, run_denoise
 
-    try:
-        opts = options()
-        # Workers start first: they import their libraries while the model loads.
-        with make_executor(opts.workers) as executor:
-            transform, derivation = build(opts)
-            show = not quiet and sys.stderr.isatty()
-            with RichProgress(err, enabled=show) as progress:
-                summary = run_denoise(input_path, output_dir, denoiser=transform,
-                                      derivation=derivation, options=opts, progress=progress,
-                                      executor=executor)
-    except KeyboardInterrupt:
-        err.print(f"interrupted: the series written before this one are complete in {output_dir}; the "
-                  "slices finished of this one are kept, hidden; run the same command again to continue",
-                  markup=False)
-        raise typer.Exit(_interrupted_exit_code())
-    except LdctError as exc:
-        code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
-        raise _fail(str(exc), code)
+    with _errors_exit():
+        try:
+            opts = options()
+            # Workers start first: they import their libraries while the model loads.
+            with make_executor(opts.workers) as executor:
+                transform, derivation = build(opts)
+                show = not quiet and sys.stderr.isatty()
+                with RichProgress(err, enabled=show) as progress:
+                    summary = run_denoise(input_path, output_dir, denoiser=transform,
+                                          derivation=derivation, options=opts, progress=progress,
+                                          executor=executor)
+        except KeyboardInterrupt:
+            err.print(f"interrupted: the series written before this one are complete in {output_dir}; the "
+                      "slices finished of this one are kept, hidden; run the same command again to continue",
+                      markup=False)
+            raise typer.Exit(_interrupted_exit_code())
 
     for path, reason in summary.skipped_files:
         err.print(f"skipped {path}: {reason}", markup=False, soft_wrap=True)
@@ -426,14 +433,10 @@ def phantom(
     from ldct_cli.pipeline import DenoiseOptions
     from ldct_cli.simulate import make_phantom
 
-    try:
+    with _errors_exit():
         result = make_phantom(output_dir, n_slices=slices, size=size, seed=seed, pixel_mm=pixel_mm,
                               slice_mm=slice_mm, dose=dose, device=device,
                               options=DenoiseOptions(overwrite=overwrite, workers=0))
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except LdctError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     if not quiet:
         err.print(f"full dose: {result.full_dose} ({result.slices} slices)", markup=False)
         if result.low_dose:
@@ -482,15 +485,13 @@ def noise(
         raise _fail(f"--out {out}: must not be inside the input {input_path}", EXIT_USAGE)
     bar = Progress(TextColumn("measuring noise"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=err, transient=True, disable=quiet or json_out)
-    try:
+    with _errors_exit():
         with bar:
             task = bar.add_task("slices", total=None)
             reports, found = scan_noise.measure(
                 input_path, every=every, progress=lambda n: bar.advance(task, n),
                 on_discovered=lambda series: bar.update(task, total=sum(
                     len(range(0, s.n_slices, every)) for s in series)))
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
     if not reports:
         raise _fail(f"{input_path}: no CT series found", EXIT_FAILED)
     payload = {"input": str(input_path), "series": [r.to_dict() for r in reports],
@@ -663,7 +664,7 @@ def prepare(
         fractions = tuple(float(x) for x in split.split(","))
     except ValueError:
         raise _fail(f"--split {split!r}: three numbers, e.g. 0.8,0.1,0.1", EXIT_USAGE)
-    try:
+    with _errors_exit():
         split_settings = prep.SplitSettings(fractions=fractions, by=split_by, seed=seed, gap=gap)
         patch = prep.PatchSettings(patch_size=patch_size, patches_per_slice=patches_per_slice,
                                    min_body_fraction=min_body_fraction)
@@ -708,10 +709,6 @@ def prepare(
             manifest = prep.prepare(dataset, sources, simulator=simulator, simulation=simulation,
                                     spacing_mm=spacing, patch=patch, split=split_settings,
                                     overwrite=overwrite, how=how, progress=progress)
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except LdctError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     if manifest["split_settings"].get("note"):
         err.print(f"note: {manifest['split_settings']['note']}", markup=False, soft_wrap=True)
     if not quiet:
@@ -780,7 +777,7 @@ def evaluate(
     from ldct_cli import evaluate as ev
     from ldct_cli.metrics import get_window
 
-    try:
+    with _errors_exit():
         try:
             chosen = get_window(window if window else preset)
         except ValueError as exc:
@@ -825,10 +822,6 @@ def evaluate(
                 raise UsageError(f"--montage-z {montage_z!r}: positions in mm, e.g. -120.5,-60") from None
         report = ev.evaluate(tests, reference=references, settings=settings, out=out,
                              montage_slices=montage_slices)
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except LdctError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -963,7 +956,7 @@ def train(
              "vgg_weights": str(vgg_weights) if vgg_weights is not None else None, "seed": seed,
              "init": str(init) if init is not None else None,
              "device": device, "precision": precision, "data.workers": workers}
-    try:
+    with _errors_exit(also=(FloatingPointError,)):
         flags.update(_set_values(set_values or []))
         given = {k: v for k, v in flags.items() if v is not None}
         if resume is not None:
@@ -989,10 +982,6 @@ def train(
         show = rank0 and not quiet and not json_out
         with RichTrainProgress(err, enabled=show) as bar:
             result = run_training(cfg, run_dir, resume=resume is not None, progress=bar)
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except (LdctError, FloatingPointError) as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     if not rank0:
         return
     summary = {"run": str(result.run_dir), "model": cfg.model, "recipe": cfg.recipe,
@@ -1040,16 +1029,12 @@ def models(
 
       ldct models --json
     """
-    from ldct_cli.bundled import bundled_checkpoint, read_manifest, weights_dir
+    from ldct_cli.bundled import bundled_checkpoint, describe_lines, read_manifest, score_cells, weights_dir
 
-    try:
+    with _errors_exit():
         if name is not None:
             get_model_info(name)
         manifest = read_manifest()
-    except UsageError as exc:
-        raise _fail(str(exc), EXIT_USAGE)
-    except LdctError as exc:
-        raise _fail(str(exc), EXIT_FAILED)
     rows, damaged = [], False
     names = [name] if name is not None else list_models(None)
     for name in names:
@@ -1072,7 +1057,7 @@ def models(
         typer.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, ensure_ascii=False))
     elif len(rows) > 1:
         _print_table(["name", "kind", "bundled", "real-data gain (dB)", "held-out gain (dB)", "quality bar"],
-                     [[row["name"], row["kind"], *_score_cells(row)] for row in rows],
+                     [[row["name"], row["kind"], *score_cells(row)] for row in rows],
                      text_columns=("name", "kind", "bundled", "quality bar"),
                      caption=f"weights folder: {weights_dir()}; details: ldct models NAME")
     else:
@@ -1085,91 +1070,12 @@ def models(
         if row["variant_of"]:
             about += f"; a variant of {row['variant_of']}"
         out.print(f"[bold]{escape(row['name'])}[/bold] ({escape(about)}): {escape(row['title'])}")
-        for line in [f"paper: {row['paper']}", *_bundled_lines(row), f"weights folder: {weights_dir()}"]:
+        for line in [f"paper: {row['paper']}", *describe_lines(row), f"weights folder: {weights_dir()}"]:
             # one item a paragraph, its continuation lines indented under it
             out.print(textwrap.fill(line, width=max(40, out.width - 1), initial_indent="  ",
                                     subsequent_indent="    ", break_on_hyphens=False), markup=False)
     if damaged:
         raise typer.Exit(EXIT_FAILED)
-
-
-def _score_cells(row: dict) -> list[str]:
-    """``ldct models``' cells: bundled or not, the mean PSNR gain on real quarter-dose data,
-    the gain on the first simulated held-out set the bar decides on, the bar."""
-    if row["kind"] == "classical":
-        return ["no weights", "-", "-", "-"]
-    entry = row["bundled"]
-    if entry is None:
-        return ["no", "-", "-", "-"]
-    bar = {True: "met", False: "NOT met", None: "-"}[row["meets_bar"]]
-    real = (entry.get("real_data") or {}).get("bar", {}).get("checks", {}).get("mean_psnr_gain_db", {})
-    real_gain = f"{real['value']:+.2f}" if real.get("value") is not None else "-"
-    tests = entry.get("held_out") or []
-    test = next((t for t in tests if t.get("bar_applies", True)), tests[0] if tests else None)
-    if test is None:
-        return ["yes", real_gain, "-", bar]
-    low, out = test["rows"]["low dose"]["psnr_db"], test["rows"][row["name"]]["psnr_db"]
-    return ["yes", real_gain, f"{out - low:+.2f}", bar]
-
-
-def _real_data_lines(entry: dict, name: str) -> list[str]:
-    """``ldct models NAME``: each real quarter-dose group's scores, then the real-data bar."""
-    from ldct_cli.bundled import missed_checks
-
-    real = entry.get("real_data")
-    if real is None:
-        return ["real data: not scored (the quality bar needs it)"] if entry.get("held_out") else []
-    lines = []
-    for group, scored in real["groups"].items():
-        rows = scored["rows"]
-        low, out, nlm, ref = rows["low dose"], rows[name], rows.get("nlm"), rows.get("reference", {})
-        classical = max((rows[f]["ssim"] for f in ("gaussian", "nlm", "tv") if f in rows), default=None)
-        lines.append(
-            f"real data, {real['name']} ({group}, {scored['slices']} slices): PSNR {out['psnr_db']:.2f} dB "
-            f"(input {low['psnr_db']:.2f}, {out['psnr_db'] - low['psnr_db']:+.2f}"
-            + (f"; best NLM {nlm['psnr_db']:.2f}" if nlm else "") + f"), SSIM {out['ssim']:.3f}"
-            + (f" (best classical {classical:.3f})" if classical is not None else "")
-            + f", HU bias {out['hu_bias']:+.1f}, NPS f_avg {out['f_avg']:.3f}"
-            + (f" (full dose {ref['f_avg']:.3f})" if "f_avg" in ref else ""))
-    bar = real["bar"]
-    lines.append("real-data bar " + ("met" if bar["pass"] else "NOT met: " + ", ".join(missed_checks(real))))
-    return lines
-
-
-def _bundled_lines(row: dict) -> list[str]:
-    """What ``ldct models`` says about a model's bundled weights."""
-    from ldct_cli.bundled import missed_checks
-
-    entry = row["bundled"]
-    if row["kind"] == "classical":
-        return ["no weights: a filter (ldct denoise / ldct evaluate --model " + row["name"] + ")"]
-    if entry is None:
-        return ["bundled weights: none (train with `ldct train`, denoise with --weights RUN_DIR)"]
-    training, data = entry.get("training", {}), entry.get("data", {})
-    series = "; ".join(f"{s['folder']} ({s.get('scanner', '?')}; {s.get('source', '?')}, {s.get('licence', '?')})"
-                       for s in data.get("series", [])) or "?"
-    dose = ""
-    if data.get("simulated_dose") and data.get("i0"):
-        doses = data.get("simulated_doses") or [data["simulated_dose"]]
-        i0 = "scan-matched" if data["i0"] == "matched" else f"{data['i0']:g}"
-        dose = (f", simulated dose {doses[0]:g} (I0 {i0})" if len(doses) == 1 else
-                ", simulated doses " + ", ".join(f"{d:g}" for d in doses)
-                + f" (I0 {i0}; validated at {doses[0]:g})")
-    size = f" ({entry['bytes'] / 1e6:.1f} MB)" if "bytes" in entry else ""
-    lines = [f"bundled weights: {entry['file']}{size}, {training.get('steps', '?')} steps, "
-             f"{training.get('minutes', '?')} min on {training.get('hardware', '?')}",
-             f"trained on: {series}{dose}", *_real_data_lines(entry, row["name"])]
-    for test in entry.get("held_out", []):
-        low, out = test["rows"]["low dose"], test["rows"][row["name"]]
-        bar = test["bar"]
-        lines.append(f"held out, {test['name']} ({test['series']}): PSNR {out['psnr_db']:.2f} dB "
-                     f"({out['psnr_db'] - low['psnr_db']:+.2f}), SSIM {out['ssim']:.3f} ({low['ssim']:.3f}), "
-                     f"noise {out['noise_sd_hu']:.1f} HU ({low['noise_sd_hu']:.1f}), HU bias "
-                     f"{out['hu_bias']:+.1f}, NPS f_avg {out['f_avg']:.3f} (full dose "
-                     f"{test['rows']['reference']['f_avg']:.3f}); quality bar "
-                     + ("met" if bar["pass"] else "NOT met: " + ", ".join(missed_checks(test)))
-                     + ("" if test.get("bar_applies", True) else " (reported, not required)"))
-    return lines
 
 
 _received_signal = {"number": signal.SIGINT}
