@@ -38,6 +38,9 @@ class DataConfig:
     body_threshold_hu: float = -500.0
     min_body_fraction: float = 0.5
     workers: int = 2  # DataLoader worker processes; 0 samples in the training process
+    # Which of a multi-dose dataset's low-dose files (manifest "low_doses" order, 0 the primary)
+    # training draws from; () draws from all. Validation always uses the primary.
+    dose_files: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad(f"precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     if data.patch_size < 8 or data.batch_size < 1 or data.workers < 0:
         bad("data.patch_size >= 8, data.batch_size >= 1 and data.workers >= 0")
+    if any(i < 0 for i in data.dose_files) or len(set(data.dose_files)) != len(data.dose_files):
+        bad(f"data.dose_files {list(data.dose_files)}: distinct indices, 0 or more")
     if sched.max_steps < 1 or sched.val_every < 1 or sched.checkpoint_every < 1 or sched.log_every < 1:
         bad("schedule.max_steps, val_every, checkpoint_every and log_every must be at least 1")
     if sched.max_minutes < 0 or sched.val_slices < 1 or sched.keep_every < 0:

@@ -33,6 +33,7 @@ class SamplerSettings:
     min_body_fraction: float = 0.5
     max_tries: int = 20  # then keep the candidate with the most body: an all-air slice must not hang
     augment: bool = True  # random flips and rot90, the same on low and full
+    dose_files: tuple[int, ...] = ()  # the low-dose files drawn from (indices); () = all
 
     def __post_init__(self):
         for name in ("patch_size", "batch_size", "batches_per_step", "max_tries"):
@@ -133,6 +134,10 @@ class PatchSampler(IterableDataset):
         self.n_slices = int(self._range_ends[-1])
         self.low_doses: list[float] | None = manifest.get("low_doses")
         self.n_doses = len(dose_files(manifest))
+        self._doses = list(settings.dose_files) or list(range(self.n_doses))
+        if any(not 0 <= i < self.n_doses for i in self._doses):
+            raise UsageError(f"data.dose_files {list(settings.dose_files)}: dataset {self.dataset} has "
+                             f"{self.n_doses} low-dose files (indices 0 to {self.n_doses - 1})")
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict:
@@ -158,6 +163,7 @@ class PatchSampler(IterableDataset):
             "body_threshold_hu": s.body_threshold_hu, "min_body_fraction": s.min_body_fraction,
             "max_tries": s.max_tries, "augment": s.augment, "seed": self.seed, "rank": self.rank,
             "world_size": self.world_size, "start_step": self.start_step, "low_doses": self.low_doses,
+            "dose_files": self._doses,
         }
 
     def _draw_patch(self, rng: np.random.Generator, low_out: np.ndarray, full_out: np.ndarray) -> PatchPick:
@@ -170,7 +176,7 @@ class PatchSampler(IterableDataset):
         index = start + u - int(self._range_ends[r] - (stop - start))
         # Drawn only with several doses: a single-dose dataset keeps the stream it always had,
         # so runs and resumes from before multi-dose datasets stay exact.
-        dose = int(rng.integers(self.n_doses)) if self.n_doses > 1 else 0
+        dose = self._doses[int(rng.integers(len(self._doses)))] if len(self._doses) > 1 else self._doses[0]
         low, full = self._case(case, dose)
         rows, columns = full.shape[1:]
         best = (-1.0, 0, 0)

@@ -489,7 +489,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, resume: bool = False,
             patch_size=config.data.patch_size, batch_size=config.data.batch_size,
             context_slices=config.context_slices, batches_per_step=batches_per_step(config),
             body_threshold_hu=config.data.body_threshold_hu,
-            min_body_fraction=config.data.min_body_fraction, augment=config.data.augment)
+            min_body_fraction=config.data.min_body_fraction, augment=config.data.augment,
+            dose_files=tuple(config.data.dose_files))
         # Built here to check the dataset against the settings before anything is written.
         sampler = PatchSampler(config.data.path, split="train", settings=settings, seed=config.seed,
                                rank=dist_info.rank, world_size=dist_info.world_size)

@@ -233,6 +233,27 @@ def test_sampler_mixes_doses_in_a_batch_and_cuts_each_patch_from_its_dose(multi,
     assert seen == {0, 1, 2}
 
 
+def test_sampler_draws_only_the_dose_files_asked_for(multi, case):
+    import dataclasses
+
+    def doses_drawn(dose_files):
+        sampler = PatchSampler(multi, settings=dataclasses.replace(SETTINGS, dose_files=dose_files), seed=0)
+        return sampler, {p.dose for step in range(4) for p in sampler.batch_for_step(step, return_index=True)[2]}
+
+    sampler, drawn = doses_drawn((0, 2))
+    assert drawn == {0, 2} and sampler.describe()["dose_files"] == [0, 2]
+    assert doses_drawn((1,))[1] == {1}
+    # () is every file, drawing the very stream a run made before the option existed
+    everything, _ = doses_drawn(())
+    default = PatchSampler(multi, settings=SETTINGS, seed=0)
+    assert everything.describe()["dose_files"] == [0, 1, 2]
+    for step in range(2):
+        assert all(np.array_equal(a, b) for a, b in zip(everything.batch_for_step(step)[:2],
+                                                        default.batch_for_step(step)[:2]))
+    with pytest.raises(UsageError, match=r"data.dose_files \[3\]: dataset .* has 3 low-dose files"):
+        PatchSampler(multi, settings=dataclasses.replace(SETTINGS, dose_files=(3,)), seed=0)
+
+
 def _flipped(patch: np.ndarray, pick) -> np.ndarray:
     if pick.hflip:
         patch = patch[..., ::-1]

@@ -162,3 +162,11 @@ def test_cascade_recipe_takes_vgg16_blocks_or_falls_back_to_ct_without_layers(mo
         resolve_config(model="cascade", overrides={"schedule.stage_steps": [10, 0]})
     with pytest.raises(UsageError, match="expected a list"):
         resolve_config(model="cascade", overrides={"schedule.stage_steps": 10})
+
+
+def test_dose_files_is_a_list_of_distinct_indices():
+    config = resolve_config(model="redcnn", overrides={"data.dose_files": [0, 2]})
+    assert config.data.dose_files == (0, 2)
+    for bad in ([0, 0], [-1]):
+        with pytest.raises(UsageError, match=r"data.dose_files .*: distinct indices, 0 or more"):
+            resolve_config(model="redcnn", overrides={"data.dose_files": bad})
