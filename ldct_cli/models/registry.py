@@ -220,7 +220,7 @@ register_model(ModelInfo(
 ))
 register_model(ModelInfo(
     name="ct_features",
-    target="ldct_cli.training.perceptual:CtAutoencoder",
+    target="ldct_cli.models.ct_autoencoder:CtAutoencoder",
     title="CT feature extractor: convolutional autoencoder trained on full-dose CT patches; "
           "its encoder gives the perceptual loss's features (--perceptual ct)",
     paper="M. Li et al., SACNN: Self-Attention Convolutional Neural Network for Low-Dose CT "

@@ -28,7 +28,7 @@ from ldct_cli.physics.projector import check_filter, default_angles, fbp, forwar
 MU_WATER = 0.0193
 AIR_HU = -1000.0
 
-# Photons per ray at full dose, calibrated by ``python -m ldct_cli.physics.calibrate``:
+# Photons per ray at full dose, calibrated by ``python tools/calibrate_i0.py``:
 # quarter dose of shared/data/ct/philips_abdomen_rle_275 (Philips Brilliance 16P, 120 kVp,
 # 300 mAs, 0.78 mm pixels), 10 middle slices, seed 0, 720 views, Hann filter; mean PSNR
 # of LD vs FD in the [-160, 240] HU window (L = 400), target 27.5 dB (the Mayo challenge's

@@ -22,7 +22,9 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder", "cascade")
 PIXEL_LOSSES = ("mse", "l1", "none")
 CRITICS = ("wgan", "simple_cnn")
-PERCEPTUAL = ("none", "auto", "vgg19", "vgg16", "ct")
+# The perceptual feature networks (ldct_cli.training.perceptual); "auto" picks one of them.
+PERCEPTUAL_KINDS = ("vgg19", "vgg16", "ct")
+PERCEPTUAL = ("none", "auto", *PERCEPTUAL_KINDS)
 LOSS_UNITS = ("model", "hu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

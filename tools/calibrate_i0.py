@@ -1,4 +1,4 @@
-"""Calibrate DEFAULT_I0 on a real abdomen series: ``python -m ldct_cli.physics.calibrate [SERIES_DIR]``.
+"""Calibrate DEFAULT_I0 on a real abdomen series: ``python tools/calibrate_i0.py [SERIES_DIR]``.
 
 The target is the quarter dose of the Mayo / AAPM Low Dose CT Grand Challenge, taken as
 27.5 dB PSNR against full dose in the [-160, 240] HU window (L = 400; published figures
@@ -17,45 +17,38 @@ from pathlib import Path
 
 import numpy as np
 
-WINDOW_HU = (-160.0, 240.0)
+from ldct_cli.dicom.read import read_dataset
+from ldct_cli.evaluate import load_input
+from ldct_cli.metrics import get_window, psnr
+from ldct_cli.physics.lowdose import LowDoseSimulator
+
+WINDOW = get_window("redcnn")  # [-160, 240] HU, L = 400
 TARGET_PSNR_DB = 27.5
-DEFAULT_SERIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct" / "philips_abdomen_rle_275"
+DEFAULT_SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "philips_abdomen_rle_275"
 
 
 def read_middle_slices(folder: Path, n_slices: int) -> tuple[np.ndarray, float]:
-    """(n, H, W) float32 HU of the ``n_slices`` slices around the middle of a series, and the pixel size [mm]."""
-    import pydicom
-
-    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.iterdir()) if path.is_file()]
-    order = np.argsort([float(ds.ImagePositionPatient[2]) for ds in headers])
-    middle = len(order) // 2
-    chosen = order[max(0, middle - n_slices // 2):][:n_slices]
-    slices = []
-    for index in chosen:
-        ds = pydicom.dcmread(headers[index].filename)
-        slices.append(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
-    spacing = [float(v) for v in headers[chosen[0]].PixelSpacing]
+    """(n, H, W) float32 HU of the ``n_slices`` slices around the middle of a series (sorted
+    along the slice normal), and the pixel size [mm]."""
+    inputs = load_input(folder)
+    if len(inputs) != 1:
+        raise ValueError(f"{folder}: {len(inputs)} CT series found, calibration takes one")
+    series = inputs[0]
+    middle = series.n_slices // 2
+    chosen = list(range(series.n_slices))[max(0, middle - n_slices // 2):][:n_slices]
+    header = read_dataset(series.series.slices[chosen[0]].path, stop_before_pixels=True)
+    spacing = [float(v) for v in header.PixelSpacing]
     if not math.isclose(spacing[0], spacing[1], rel_tol=1e-3):
         raise ValueError(f"{folder}: non-square pixels {spacing} are not supported")
-    return np.stack(slices).astype(np.float32), spacing[0]
-
-
-def windowed_psnr(test_hu: np.ndarray, reference_hu: np.ndarray, window=WINDOW_HU) -> float:
-    """PSNR [dB] of one slice against another, both clipped to ``window``, peak = window width."""
-    low, high = window
-    a, b = np.clip(test_hu, low, high), np.clip(reference_hu, low, high)
-    rmse = float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2)))
-    return 20 * math.log10((high - low) / rmse)
+    return series.read_hu(chosen), spacing[0]
 
 
 def quarter_dose_psnr(slices_hu: np.ndarray, pixel_mm: float, *, i0: float, dose: float = 0.25,
                       seed: int = 0, n_views: int = 720) -> float:
     """Mean over slices of the windowed PSNR of the simulated ``dose`` against the input."""
-    from ldct_cli.physics.lowdose import LowDoseSimulator
-
     simulator = LowDoseSimulator(dose=dose, i0=i0, seed=seed, n_views=n_views, pixel_mm=pixel_mm)
     low_dose = simulator(slices_hu[:, None])
-    return float(np.mean([windowed_psnr(ld, fd) for ld, fd in zip(low_dose, slices_hu)]))
+    return float(np.mean(psnr(low_dose, slices_hu, WINDOW)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,12 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     measured = []
     for i0 in sorted(args.i0):
         start = time.perf_counter()
-        psnr = quarter_dose_psnr(slices_hu, pixel_mm, i0=i0)
-        measured.append((i0, psnr))
-        print(f"I0 = {i0:9.3g}  quarter-dose PSNR = {psnr:6.2f} dB  ({time.perf_counter() - start:.1f} s)")
+        value = quarter_dose_psnr(slices_hu, pixel_mm, i0=i0)
+        measured.append((i0, value))
+        print(f"I0 = {i0:9.3g}  quarter-dose PSNR = {value:6.2f} dB  ({time.perf_counter() - start:.1f} s)")
     # PSNR grows ~ 10 log10(I0) (noise variance ~ 1 / I0): interpolate in log I0.
     log_i0 = np.log10([i0 for i0, _ in measured])
-    psnrs = np.array([psnr for _, psnr in measured])
+    psnrs = np.array([value for _, value in measured])
     chosen = 10 ** float(np.interp(TARGET_PSNR_DB, psnrs, log_i0))
     chosen = float(f"{chosen:.2g}")
     print(f"chosen I0 = {chosen:.3g}: quarter-dose PSNR = {quarter_dose_psnr(slices_hu, pixel_mm, i0=chosen):.2f} dB "
