@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from ldct_cli.errors import UsageError
 from ldct_cli.models.layout import to_channels_last
 from ldct_cli.models.normalization import HUNormalization
+from ldct_cli.precision import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Overlap for models that see the whole image (U-Net): the feathered seam is this wide.
 GLOBAL_MODEL_OVERLAP = 64

@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from ldct_cli.errors import UsageError
 from ldct_cli.models.registry import get_model_info
+from ldct_cli.precision import PRECISIONS as RUN_PRECISIONS
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder", "cascade")
@@ -26,7 +27,7 @@ CRITICS = ("wgan", "simple_cnn")
 PERCEPTUAL_KINDS = ("vgg19", "vgg16", "ct")
 PERCEPTUAL = ("none", "auto", *PERCEPTUAL_KINDS)
 LOSS_UNITS = ("model", "hu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
 @dataclass(frozen=True)

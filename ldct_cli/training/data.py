@@ -8,7 +8,6 @@ drawn uniformly from them, so one batch mixes noise levels (variable-dose traini
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -275,12 +274,3 @@ def validation_slices(dataset: Path | str, *, split: str = "val", count: int = 4
             full_hu=np.asarray(full[index], np.float32), pixel_mm=pixel_mm[case]))
     return out
 
-
-def sampling_rate(sampler: PatchSampler, *, steps: int = 50) -> float:
-    """Patches per second that ``batch_for_step`` draws in this process (steps 0..steps-1)."""
-    sampler.batch_for_step(0)  # opens the memmaps, so the timing is of sampling alone
-    s = sampler.settings
-    start = time.perf_counter()
-    for step in range(steps):
-        sampler.batch_for_step(step)
-    return steps * s.batches_per_step * s.batch_size / (time.perf_counter() - start)
