@@ -191,11 +191,17 @@ def quality_bar(rows: dict[str, dict[str, float]], model: str, *, objective: str
         checks["f_avg_closer_than_mse_model"] = {
             "value": None if mse_model_f_avg is None
             else abs(mse_model_f_avg - ref["f_avg"]) - abs(out["f_avg"] - ref["f_avg"]), "above": 0.0}
+    return _judged(checks)
+
+
+def _judged(checks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each check passes when its value is measured and meets its ``at_least``, ``above`` or
+    ``at_most``; the bar passes when every check does."""
     for check in checks.values():
         value = check["value"]
         check["pass"] = value is not None and bool(value >= check["at_least"] if "at_least" in check
-                             else value > check["above"] if "above" in check
-                             else value <= check["at_most"])
+                                                   else value > check["above"] if "above" in check
+                                                   else value <= check["at_most"])
     return {"checks": checks, "pass": all(c["pass"] for c in checks.values())}
 
 
@@ -223,11 +229,7 @@ def real_data_bar(groups: dict[str, dict[str, dict[str, float]]], model: str) ->
     checks["mean_psnr_gain_db"] = {
         "value": None if not gains or None in gains else sum(gains) / len(gains),
         "at_least": REAL_BAR_MEAN_GAIN_DB}
-    for check in checks.values():
-        value = check["value"]
-        check["pass"] = value is not None and bool(value >= check["at_least"] if "at_least" in check
-                                                   else value <= check["at_most"])
-    return {"checks": checks, "pass": all(c["pass"] for c in checks.values())}
+    return _judged(checks)
 
 
 # --- what `ldct models` says of an entry ------------------------------------------------
@@ -260,7 +262,7 @@ def _real_data_lines(entry: dict, name: str) -> list[str]:
     for group, scored in real["groups"].items():
         rows = scored["rows"]
         low, out, nlm, ref = rows["low dose"], rows[name], rows.get("nlm"), rows.get("reference", {})
-        classical = max((rows[f]["ssim"] for f in ("gaussian", "nlm", "tv") if f in rows), default=None)
+        classical = max((rows[f]["ssim"] for f in CLASSICAL_ROWS if f in rows), default=None)
         lines.append(
             f"real data, {real['name']} ({group}, {scored['slices']} slices): PSNR {out['psnr_db']:.2f} dB "
             f"(input {low['psnr_db']:.2f}, {out['psnr_db'] - low['psnr_db']:+.2f}"

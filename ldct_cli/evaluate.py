@@ -134,13 +134,19 @@ def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
                 # Each slice with its neighbours for 2.5D models, replicated at the case's
                 # ends, as ldct denoise feeds a series (neighbours may lie outside the split).
                 k = int(getattr(d, "context_slices", 1))
-                around = np.clip(r[idx][:, None] + np.arange(k) - k // 2, 0, a.shape[0] - 1)
+                around = _with_neighbours(r[idx], k, a.shape[0])
                 return d(a[around].astype(np.float32), pixel_mm=px).astype(np.float32)
             tests.append(ArraySeries(label=f"{name}{tag}", folder=f"{dataset}/{case['id']}/{name}",
                                      reader=run, **common))
     if not tests:
         raise UsageError(f"{dataset}: the {split} split is empty")
     return tests, references
+
+
+def _with_neighbours(indices, k: int, n: int) -> np.ndarray:
+    """(len(indices), k) slice indices: each with its k // 2 neighbours either side, clamped to
+    [0, n) (the series' end slices replicated, as ldct denoise feeds a 2.5D model)."""
+    return np.clip(np.asarray(indices)[:, None] + np.arange(k) - k // 2, 0, n - 1)
 
 
 def denoised_series(test: InputSeries, name: str, denoiser) -> ArraySeries:
@@ -151,7 +157,7 @@ def denoised_series(test: InputSeries, name: str, denoiser) -> ArraySeries:
     n, k = test.n_slices, int(getattr(denoiser, "context_slices", 1))
 
     def run(indices: list[int]) -> np.ndarray:
-        around = np.clip(np.asarray(indices)[:, None] + np.arange(k) - k // 2, 0, n - 1)
+        around = _with_neighbours(indices, k, n)
         stack = np.stack([test.read_hu(list(row)) for row in around])
         return np.asarray(denoiser(stack, pixel_mm=test.pixel_mm), dtype=np.float32)
 

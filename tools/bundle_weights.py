@@ -77,20 +77,18 @@ GRIDS = {"gaussian": [0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5],  # sigma, px
 
 def tune_filters(dataset: Path) -> dict:
     """Each filter's parameter of best mean PSNR on 4 slices spread over the val split."""
-    from ldct_cli.metrics import get_window, psnr
     from ldct_cli.prepare import load_manifest, open_case
 
     manifest = load_manifest(dataset)
     part = manifest["split"]["val"][0]
     low, full = open_case(dataset, part["case"])
     rows = np.linspace(part["start"], part["stop"] - 1, 4).round().astype(int)
-    x = low[rows].astype(np.float32)[:, None]
+    x = low[rows].astype(np.float32)
     ref = full[rows].astype(np.float32)
-    window = get_window(WINDOW)
+    pixel_mm = float(next(c for c in manifest["cases"] if c["id"] == part["case"])["pixel_mm"])
     best = {}
-    for name, grid in GRIDS.items():
-        scores = {p: float(np.mean(psnr(make_filter(name, p)(x), ref, window))) for p in grid}
-        chosen = max(scores, key=scores.get)
+    for name in GRIDS:
+        chosen, scores = sweep(name, x, ref, pixel_mm)
         print(f"tuned {name} on val slices {rows.tolist()}: "
               + ", ".join(f"{p:g}: {s:.2f} dB" for p, s in scores.items()) + f" -> {chosen:g}", file=sys.stderr)
         best[name] = make_filter(name, chosen)
@@ -129,11 +127,13 @@ def score(name: str, checkpoint: Path, dataset: Path, filters: dict, report: Pat
     tests, references = ev.dataset_inputs(dataset, "test", denoisers)
     result = ev.evaluate(tests, reference=references, settings=ev.Settings(window=get_window(WINDOW)),
                          out=report)
-    rows = {}
-    for series in result["series"]:
-        label = "reference" if series["role"] == "reference" else series["label"]
-        rows[label] = summary_row(series)
-    return rows
+    return rows_of(result)
+
+
+def rows_of(result: dict) -> dict:
+    """An evaluate report's per-series summaries by label, the reference's as "reference"."""
+    return {("reference" if series["role"] == "reference" else series["label"]): summary_row(series)
+            for series in result["series"]}
 
 
 REAL_SOURCE = ("AAPM/Mayo Clinic Low Dose CT Grand Challenge (quarter/full-dose pairs; "
@@ -183,9 +183,7 @@ def score_real(name: str, checkpoint: Path, root: Path, report_dir: Path | None)
         tests = [low, *(ev.denoised_series(low, n, m) for n, m in models.items())]
         report = (report_dir / f"{name}_real_{folder.name}") if report_dir else None
         result = ev.evaluate(tests, reference=[full], settings=ev.Settings(window=get_window(WINDOW)), out=report)
-        rows = {("reference" if series["role"] == "reference" else series["label"]): summary_row(series)
-                for series in result["series"]}
-        groups[folder.name] = {"slices": len(pairs), "rows": rows}
+        groups[folder.name] = {"slices": len(pairs), "rows": rows_of(result)}
     return {"name": root.name, "source": REAL_SOURCE, "window_hu": [-160, 240], "data_range_L": 400,
             "filters": filters, "sweeps": sweeps, "groups": groups,
             "bar": bundled.real_data_bar({g: v["rows"] for g, v in groups.items()}, name)}
