@@ -40,8 +40,9 @@ class ModelInfo:
     variant_of: str | None = None
 
     @property
-    def recipe_name(self) -> str:
-        """The recipe file (``recipes/<recipe_name>.toml``) this model trains with."""
+    def preset(self) -> str:
+        """The bundled config preset (``training/recipes/<preset>.toml``: its paper's numbers)
+        this model trains with; ``recipe`` is the kind of training step."""
         return self.variant_of or self.name
 
     def load_class(self):

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from ldct_cli.errors import UsageError
-from ldct_cli.models.registry import get_model_info
+from ldct_cli.models.registry import get_model_info, list_models
 from ldct_cli.precision import PRECISIONS as RUN_PRECISIONS
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-RECIPES = ("supervised", "wgan_gp", "pix2pix", "autoencoder", "cascade")
 PIXEL_LOSSES = ("mse", "l1", "none")
 CRITICS = ("wgan", "simple_cnn")
 # The perceptual feature networks (ldct_cli.training.perceptual); "auto" picks one of them.
@@ -262,7 +261,7 @@ def resolve_config(*, model: str | None, config_file: Path | str | None = None,
     if not name:
         raise UsageError("name the model to train: --model NAME (or `model = ...` in --config)")
     info = get_model_info(name)
-    recipe_file = RECIPES_DIR / f"{info.recipe_name}.toml"
+    recipe_file = RECIPES_DIR / f"{info.preset}.toml"
     tree: dict[str, Any] = {"model": name, "recipe": info.recipe}
     if recipe_file.is_file():
         tree = _merge(tree, tomllib.loads(recipe_file.read_text()))
@@ -274,6 +273,10 @@ def resolve_config(*, model: str | None, config_file: Path | str | None = None,
     return validate(config)
 
 
+def _models_of(recipe: str) -> list[str]:
+    return [name for name in list_models(None) if get_model_info(name).recipe == recipe]
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Check the values' ranges and combinations; resolve ``perceptual = "auto"``."""
     def bad(message: str):
@@ -283,18 +286,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     if info.kind == "classical":
         bad(f"model {config.model!r} is a classical filter: there is nothing to train "
             "(use it with ldct denoise / ldct evaluate --model)")
-    if config.recipe not in RECIPES:
+    from ldct_cli.training.steps import RECIPES  # torch: only when a run is configured
+
+    recipe = RECIPES.get(config.recipe)
+    if recipe is None:
         bad(f"recipe {config.recipe!r} is not one of {', '.join(RECIPES)}")
-    if (info.kind == "features") != (config.recipe == "autoencoder"):
+    if info.kind != recipe.model_kind:
         bad(f"model {config.model!r} ({info.kind}) cannot train with recipe {config.recipe!r}")
     loss, data, sched = config.loss, config.data, config.schedule
     if loss.pixel not in PIXEL_LOSSES:
         bad(f"loss.pixel {loss.pixel!r} is not one of {', '.join(PIXEL_LOSSES)}")
     if loss.units not in LOSS_UNITS:
         bad(f"loss.units {loss.units!r} is not one of {', '.join(LOSS_UNITS)}")
-    if loss.units == "hu" and config.recipe == "pix2pix":
-        bad("loss.units 'hu' is for a pixel loss weighed against a WGAN critic; pix2pix's cGAN loss "
-            "has no intensity unit, so it would only scale the L1 term (change loss.pixel_weight instead)")
     if loss.perceptual not in PERCEPTUAL:
         bad(f"loss.perceptual {loss.perceptual!r} is not one of {', '.join(PERCEPTUAL)}")
     if config.precision not in PRECISIONS:
@@ -324,20 +327,17 @@ def validate(config: TrainConfig) -> TrainConfig:
     for opt in (config.optimizer, config.critic_optimizer):
         if opt.lr <= 0 or opt.lr_final < 0 or opt.decay_steps < 0:
             bad("optimizer lr > 0, lr_final >= 0, decay_steps >= 0")
-    if config.recipe == "wgan_gp" and loss.adversarial_weight <= 0:
-        bad("recipe wgan_gp needs loss.adversarial_weight > 0 (without it use recipe supervised: "
-            "the CNN-MSE / CNN-VGG variants)")
-    has_pixel = loss.pixel != "none" and loss.pixel_weight > 0
-    has_perceptual = loss.perceptual != "none" and loss.perceptual_weight > 0
-    if config.recipe == "supervised" and not (has_pixel or has_perceptual):
-        bad("recipe supervised needs a pixel or a perceptual loss term")
     if loss.perceptual_vgg not in ("vgg19", "vgg16"):
         bad(f"loss.perceptual_vgg {loss.perceptual_vgg!r} is not one of vgg19, vgg16")
     if any(n < 1 for n in sched.stage_steps):
         bad("schedule.stage_steps: each stage needs at least 1 step")
-    if (config.recipe == "cascade") != (info.recipe == "cascade"):
+    if (recipe.exclusive or RECIPES[info.recipe].exclusive) and config.recipe != info.recipe:
         bad(f"model {config.model!r} cannot train with recipe {config.recipe!r}"
-            + (" (the cascade recipe is for the cascade model)" if config.recipe == "cascade" else ""))
+            + (f" (the {config.recipe} recipe is for the {' and '.join(_models_of(config.recipe))} model)"
+               if recipe.exclusive else ""))
+    problem = recipe.config_problem(config)
+    if problem:
+        bad(problem)
     if loss.perceptual == "auto":
         vgg = config.vgg_weights or os.environ.get("LDCT_VGG_WEIGHTS", "")
         # Layers name VGG convolutions; the CT feature extractor has one output.
@@ -351,8 +351,3 @@ def validate(config: TrainConfig) -> TrainConfig:
     elif loss.perceptual in ("vgg19", "vgg16") and not config.vgg_weights:
         config = replace(config, vgg_weights=os.environ.get("LDCT_VGG_WEIGHTS", ""))
     return config
-
-
-def batches_per_step(config: TrainConfig) -> int:
-    """Batches one generator update consumes: WGAN-GP's critic draws its own batches."""
-    return config.loss.n_critic + 1 if config.recipe == "wgan_gp" else 1

@@ -1,4 +1,9 @@
-"""One optimisation step per recipe: supervised, WGAN-GP, pix2pix, autoencoder, cascade.
+"""The training recipes: one registry (``RECIPES``) of what each recipe needs, and its step.
+
+A ``Recipe`` states once everything the loop and the config resolver need to know about a
+way of training: its step function, the adversary it trains beside the generator, how many
+batches one generator update consumes, how its networks are initialized, what validation
+scores, and which configs it accepts. Adding a recipe is one step function and one entry.
 
 Each step takes a bundle of batches in model units, ``low`` (n, B, k, P, P) and
 ``full`` (n, B, 1, P, P), updates the networks in ``Parts`` and returns its losses as
@@ -12,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldct_cli.training.config import TrainConfig
+if TYPE_CHECKING:
+    from ldct_cli.training.config import TrainConfig
 
 
 @dataclass
@@ -226,10 +232,102 @@ def cascade_step(parts: Parts, config: TrainConfig, low: torch.Tensor, full: tor
     return {"loss": float(loss.detach()), "stage": float(stage + 1), **_floats(terms)}
 
 
-STEPS = {
-    "supervised": supervised_step,
-    "wgan_gp": wgan_gp_step,
-    "pix2pix": pix2pix_step,
-    "autoencoder": autoencoder_step,
-    "cascade": cascade_step,
-}
+# ---------------------------------------------------------------- the registry
+
+StepFn = Callable[[Parts, "TrainConfig", torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+def _no_config_problem(config: TrainConfig) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of training a registered model (``ModelInfo.recipe`` names it)."""
+
+    name: str
+    step: StepFn
+    # The adversary trained beside the generator (built on the CPU; None: no adversary).
+    critic: Callable[[TrainConfig], nn.Module] | None = None
+    # Batches of patches one generator update consumes (WGAN-GP's critic draws its own).
+    batches_per_step: Callable[[TrainConfig], int] = lambda config: 1
+    # Applied to a freshly built generator before any warm start (the paper's init).
+    init_generator: Callable[[nn.Module], None] | None = None
+    # What the trained network is asked to do: "denoise" (validated on low -> full dose,
+    # against the input's own scores) or "reconstruct" (full -> full dose: a feature extractor).
+    objective: str = "denoise"
+    # The kind of registered model (``ModelInfo.kind``) that trains with it.
+    model_kind: str = "generator"
+    # True: only the models registered with this recipe train with it, and they with no other.
+    exclusive: bool = False
+    # False: one process only (no torchrun / DDP).
+    distributed: bool = True
+    # A problem with a config for this recipe, as a sentence (None: fine).
+    config_problem: Callable[[TrainConfig], str | None] = _no_config_problem
+    # A problem with the built generator for this config (None: fine).
+    network_problem: Callable[[nn.Module, TrainConfig], str | None] = lambda generator, config: None
+
+
+def _wgan_critic(config: TrainConfig) -> nn.Module:
+    from ldct_cli.training.critics import SimpleCnnCritic, WganCritic
+
+    if config.loss.critic == "simple_cnn":
+        return SimpleCnnCritic(in_channels=1)
+    return WganCritic(in_channels=1, patch_size=config.data.patch_size)
+
+
+def _patchgan(config: TrainConfig) -> nn.Module:
+    from ldct_cli.training.critics import PatchGanDiscriminator, init_pix2pix_weights
+
+    critic = PatchGanDiscriminator(in_channels=config.context_slices + 1)
+    critic.apply(init_pix2pix_weights)
+    return critic
+
+
+def _pix2pix_init(generator: nn.Module) -> None:
+    from ldct_cli.training.critics import init_pix2pix_weights
+
+    generator.apply(init_pix2pix_weights)
+
+
+def _supervised_problem(config: TrainConfig) -> str | None:
+    loss = config.loss
+    if not ((loss.pixel != "none" and loss.pixel_weight > 0)
+            or (loss.perceptual != "none" and loss.perceptual_weight > 0)):
+        return "recipe supervised needs a pixel or a perceptual loss term"
+    return None
+
+
+def _wgan_problem(config: TrainConfig) -> str | None:
+    if config.loss.adversarial_weight <= 0:
+        return ("recipe wgan_gp needs loss.adversarial_weight > 0 (without it use recipe supervised: "
+                "the CNN-MSE / CNN-VGG variants)")
+    return None
+
+
+def _pix2pix_problem(config: TrainConfig) -> str | None:
+    if config.loss.units == "hu":
+        return ("loss.units 'hu' is for a pixel loss weighed against a WGAN critic; pix2pix's cGAN loss "
+                "has no intensity unit, so it would only scale the L1 term (change loss.pixel_weight instead)")
+    return None
+
+
+def _cascade_network_problem(generator: nn.Module, config: TrainConfig) -> str | None:
+    levels = int(generator.levels)
+    if len(config.schedule.stage_steps) != levels:
+        return (f"schedule.stage_steps has {len(config.schedule.stage_steps)} stage(s); a "
+                f"{levels}-level cascade needs {levels} (DRL, then each difference network)")
+    return None
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("supervised", supervised_step, config_problem=_supervised_problem),
+    Recipe("wgan_gp", wgan_gp_step, critic=_wgan_critic,
+           batches_per_step=lambda config: config.loss.n_critic + 1, config_problem=_wgan_problem),
+    Recipe("pix2pix", pix2pix_step, critic=_patchgan, init_generator=_pix2pix_init,
+           config_problem=_pix2pix_problem),
+    Recipe("autoencoder", autoencoder_step, objective="reconstruct", model_kind="features"),
+    # Each stage trains a different part of the network, which DDP's reducer cannot follow.
+    Recipe("cascade", cascade_step, exclusive=True, distributed=False,
+           network_problem=_cascade_network_problem),
+)}

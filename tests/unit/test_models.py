@@ -98,7 +98,7 @@ def test_named_variants_share_their_model_and_recipe_and_must_match_it():
     assert "pix2pix_small" in variants
     for name in variants:
         info, parent = get_model_info(name), get_model_info(get_model_info(name).variant_of)
-        assert (info.target, info.recipe, info.recipe_name) == (parent.target, parent.recipe, parent.name)
+        assert (info.target, info.recipe, info.preset) == (parent.target, parent.recipe, parent.name)
         assert info.default_kwargs and resolve_kwargs(name) != resolve_kwargs(parent.name)
     base = get_model_info("pix2pix")
     for wrong in ({"variant_of": "no_such_model"}, {"variant_of": "pix2pix", "recipe": "supervised"},

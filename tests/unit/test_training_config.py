@@ -8,9 +8,14 @@ import pytest
 
 from ldct_cli.errors import UsageError
 from ldct_cli.models.registry import get_model_info, list_models
-from ldct_cli.training.config import (RECIPES, TrainConfig, batches_per_step, presets, read_config_file,
+from ldct_cli.training.config import (TrainConfig, presets, read_config_file,
                                       resolve_config)
 from ldct_cli.training.loop import lr_at
+from ldct_cli.training.steps import RECIPES
+
+
+def batches_per_step(config: TrainConfig) -> int:
+    return RECIPES[config.recipe].batches_per_step(config)
 
 
 @pytest.mark.parametrize("name", list_models(("generator", "features")))
@@ -19,7 +24,7 @@ def test_every_trainable_model_has_a_recipe_file_and_resolves(name):
     assert config.model == name
     assert config.recipe == get_model_info(name).recipe
     assert config.recipe in RECIPES
-    assert get_model_info(name).recipe_name in presets()
+    assert get_model_info(name).preset in presets()
     # The resolved config survives a JSON round trip (what the run folder stores).
     assert json.loads(json.dumps(config.to_dict()))["model"] == name
 
@@ -170,3 +175,15 @@ def test_dose_files_is_a_list_of_distinct_indices():
     for bad in ([0, 0], [-1]):
         with pytest.raises(UsageError, match=r"data.dose_files .*: distinct indices, 0 or more"):
             resolve_config(model="redcnn", overrides={"data.dose_files": bad})
+
+
+def test_a_models_own_recipe_file_does_not_restate_its_recipe():
+    # The registry names each model's recipe; a preset says `recipe` only to train another way.
+    import tomllib
+
+    from ldct_cli.training.config import RECIPES_DIR
+
+    for name in presets():
+        tree = tomllib.loads((RECIPES_DIR / f"{name}.toml").read_text())
+        model = tree.get("model", name)
+        assert tree.get("recipe") in (None, *set(RECIPES) - {get_model_info(model).recipe}), name
