@@ -181,6 +181,15 @@ def test_resume_drops_log_records_after_the_saved_step(dataset, ct_weights, tmp_
     assert [r["step"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
+def test_resuming_a_finished_run_returns_at_once(dataset, ct_weights, tmp_path):
+    config = _config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 2, "schedule.val_every": 100})
+    first = train(config, tmp_path / "run")
+    again = train(resolve_config(model=None, config_file=tmp_path / "run" / "config.json"), tmp_path / "run",
+                  resume=True)
+    assert (again.start_step, again.step, again.stopped, again.stop_signal) == (2, 2, "max_steps", None)
+    assert again.generator_sha256 == first.generator_sha256 and again.losses == []
+
+
 def test_short_run_loss_falls(dataset, ct_weights, tmp_path):
     """Real optimisation: 30 RED-CNN steps on noisy phantom patches at least halve the MSE."""
     config = _config("redcnn", dataset, ct_weights, **{"schedule.max_steps": 30, "schedule.val_every": 30,
