@@ -12,7 +12,6 @@ as ``ldct_cli/weights/`` (see pyproject.toml). ``$LDCT_WEIGHTS_DIR`` points else
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ldct_cli.errors import CheckpointError
+from ldct_cli.fsutil import file_sha256  # noqa: F401  (bundled.file_sha256: the manifest's hash)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ldct-weights-manifest"
@@ -49,14 +49,6 @@ def weights_dir() -> Path:
     if (installed / MANIFEST).is_file():
         return installed
     return package.parent / "weights"  # a checkout (or an editable install)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

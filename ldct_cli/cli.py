@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 from ldct_cli._version import __version__
 from ldct_cli.errors import LdctError, UsageError
 from ldct_cli.models.registry import get_model_info, list_models
+from ldct_cli.precision import PRECISIONS as RUN_PRECISIONS
 from ldct_cli.training.config import PERCEPTUAL, PRECISIONS as TRAIN_PRECISIONS
 
 class _LdctGroup(TyperGroup):
@@ -78,7 +79,7 @@ def _one_of(*values: str) -> str:
 # Checked by the library (one-line errors); listed here for --help, which must not import
 # torch or pydicom to say so (tests/e2e/test_cli_output.py checks they agree with the library).
 DEVICES = _one_of("auto", "cpu", "cuda", "cuda:N")
-PRECISIONS = _one_of("fp32", "bf16", "fp16")
+PRECISIONS = _one_of(*RUN_PRECISIONS)
 TRANSFER_SYNTAXES = _one_of("explicit", "keep")
 FILTERS = _one_of("ramp", "shepp-logan", "hann", "gauss:TAU")
 WINDOW_PRESETS = _one_of("redcnn", "full", "abdomen", "chest", "head")

@@ -133,7 +133,7 @@ def dataset_inputs(dataset: Path, split: str, denoisers: dict[str, object],
             def run(idx, a=low, r=rows, d=denoiser, px=float(case["pixel_mm"])):
                 # Each slice with its neighbours for 2.5D models, replicated at the case's
                 # ends, as ldct denoise feeds a series (neighbours may lie outside the split).
-                k = int(getattr(d, "context_slices", 1))
+                k = d.context_slices
                 around = _with_neighbours(r[idx], k, a.shape[0])
                 return d(a[around].astype(np.float32), pixel_mm=px).astype(np.float32)
             tests.append(ArraySeries(label=f"{name}{tag}", folder=f"{dataset}/{case['id']}/{name}",
@@ -154,7 +154,7 @@ def denoised_series(test: InputSeries, name: str, denoiser) -> ArraySeries:
     each slice with its ``context_slices`` neighbours (replicated at the series' ends), as
     ``ldct denoise`` feeds a series. Same positions and frame as ``test``, so it pairs
     with ``test``'s reference."""
-    n, k = test.n_slices, int(getattr(denoiser, "context_slices", 1))
+    n, k = test.n_slices, denoiser.context_slices
 
     def run(indices: list[int]) -> np.ndarray:
         around = _with_neighbours(indices, k, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -150,3 +151,12 @@ def complete_slices(folder: Path, n: int) -> set[int]:
         return set()
     names = {p.name for p in folder.iterdir()}
     return {i for i in range(n) if f"{i + 1:04d}.dcm" in names}
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (a VGG19 file is 548 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

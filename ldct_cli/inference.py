@@ -109,11 +109,14 @@ class Denoiser:
         if self.device.type == "cuda":
             # Slices of one series share a shape: let cuDNN pick its fastest kernels once.
             torch.backends.cudnn.benchmark = True
-        # channels_last: faster convolutions on CPU (oneDNN) and with CUDA tensor cores.
-        self.net = to_channels_last(model)
-        self.context_slices = int(getattr(self.model, "context_slices", 1))
-        self.size_multiple = int(getattr(self.model, "size_multiple", 1))
-        halo = getattr(self.model, "halo", None)
+        # channels_last: faster convolutions with CUDA tensor cores, and on a CPU (oneDNN) for
+        # the networks that say so (CtNetwork.cpu_channels_last).
+        channels_last = self.device.type == "cuda" or self.model.cpu_channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = to_channels_last(model) if channels_last else model
+        self.context_slices = self.model.context_slices
+        self.size_multiple = self.model.size_multiple
+        halo = self.model.halo
         self.margin = int(halo) if halo is not None else GLOBAL_MODEL_OVERLAP
         self.feather = 0 if halo is not None else GLOBAL_MODEL_OVERLAP
 
@@ -128,7 +131,7 @@ class Denoiser:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         outputs = []
         for chunk in x.split(self.batch_size):
-            chunk = chunk.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            chunk = chunk.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             if self.precision == "fp32":
                 y = self.net(chunk)
             else:

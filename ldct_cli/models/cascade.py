@@ -58,6 +58,7 @@ class DRL(nn.Module):
     """
 
     size_multiple = 1
+    cpu_channels_last = True
 
     def __init__(self, in_slices: int = 1, channels: int = 64):
         super().__init__()
@@ -90,6 +91,7 @@ class CNN10(nn.Module):
     """
 
     size_multiple = 1
+    cpu_channels_last = True
 
     def __init__(self, channels: int = 64, blocks: int = 9):
         super().__init__()
@@ -122,6 +124,7 @@ class Cascade(nn.Module):
     """
 
     size_multiple = 1
+    cpu_channels_last = True
 
     def __init__(self, levels: int = 2, in_slices: int = 1, channels: int = 64):
         super().__init__()

@@ -21,6 +21,7 @@ class CtAutoencoder(nn.Module):
     """
 
     size_multiple = 4
+    cpu_channels_last = True
 
     def __init__(self, in_slices: int = 1, channels: int = 32):
         super().__init__()

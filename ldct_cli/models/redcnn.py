@@ -19,6 +19,7 @@ class RedCNN(nn.Module):
     """RED-CNN generator: (B, in_slices, H, W) in [0, 1] -> (B, 1, H, W); any H, W >= 1."""
 
     size_multiple = 1
+    cpu_channels_last = True  # oneDNN trains it 1.8x faster channels-last (measured)
 
     def __init__(self, in_slices: int = 1, channels: int = 96, kernel_size: int = 5):
         super().__init__()

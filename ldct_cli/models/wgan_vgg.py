@@ -19,6 +19,7 @@ class WganVggGenerator(nn.Module):
     """(B, in_slices, H, W) in [0, 1] -> (B, 1, H, W); any H, W."""
 
     size_multiple = 1
+    cpu_channels_last = True  # oneDNN trains it 1.4x faster channels-last (measured)
 
     def __init__(self, in_slices: int = 1, channels: int = 32, n_layers: int = 8):
         super().__init__()

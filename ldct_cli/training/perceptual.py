@@ -8,7 +8,6 @@ prefix in their names and read with ``weights_only=True`` (tensors only, no code
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldct_cli.errors import UsageError
+from ldct_cli.fsutil import file_sha256
 from ldct_cli.models.ct_autoencoder import CtAutoencoder
 from ldct_cli.training.config import PERCEPTUAL_KINDS
 
@@ -36,8 +36,6 @@ VGG_URL = "https://download.pytorch.org/models/{file}"
 # ImageNet statistics the VGG weights were trained with (per RGB channel).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 class PerceptualWeightsError(UsageError):
@@ -193,15 +191,6 @@ def find_vgg_weights(arch: str, path: Path | str | None) -> Path:
     return path / VGG_FILES[arch] if path.is_dir() else path
 
 
-def _sha256_hex(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        # Streamed: the VGG19 file is 548 MB.
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_vgg_weights(arch: str, path: Path | str, *, layer: str | None = None,
                      verify_hash: bool = True) -> dict[str, torch.Tensor]:
     """The ``features.*`` tensors of a torchvision VGG file that the stack up to ``layer`` needs
@@ -216,7 +205,7 @@ def load_vgg_weights(arch: str, path: Path | str, *, layer: str | None = None,
         raise PerceptualWeightsError(f"{path}: no such {arch} weight file; {_how_to_get_vgg(arch)}")
     if verify_hash:
         expected = VGG_FILES[arch].rsplit("-", 1)[1].split(".")[0]
-        actual = _sha256_hex(path)[:len(expected)]
+        actual = file_sha256(path)[:len(expected)]
         if actual != expected:
             raise PerceptualWeightsError(f"{path}: not torchvision's {VGG_FILES[arch]} (sha256 starts "
                                          f"with {actual}, expected {expected})")

@@ -142,6 +142,30 @@ def test_forward_shape_and_metadata(name):
         assert y.max() <= hi
 
 
+@pytest.mark.parametrize("name", list_models(("generator", "features")))
+def test_every_network_keeps_the_contract_and_states_it_itself(name):
+    from ldct_cli.models.contract import CtNetwork
+
+    model = create_model(name)
+    assert isinstance(model, CtNetwork)
+    declared = {key for cls in type(model).__mro__ if cls.__module__.startswith("ldct_cli") for key in vars(cls)}
+    for key in ("size_multiple", "cpu_channels_last"):
+        assert key in declared or key in vars(model), (name, key)
+    assert isinstance(model.context_slices, int) and model.context_slices >= 1
+    assert isinstance(model.size_multiple, int) and model.size_multiple >= 1
+    assert model.halo is None or (isinstance(model.halo, int) and model.halo >= 0)
+    assert isinstance(model.cpu_channels_last, bool)
+
+
+@pytest.mark.parametrize("name", list_models("classical"))
+def test_classical_filters_are_slice_denoisers(name):
+    from ldct_cli.models.contract import SliceDenoiser
+
+    cls = get_model_info(name).load_class()  # built without its optional package (bm3d) too
+    assert all(hasattr(cls, key) for key in SliceDenoiser.__annotations__), name
+    assert cls.context_slices == 1 and callable(cls)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_unsupported_size_raises(name):
     """Models with a size multiple reject other sizes (the Denoiser pads; tested there)."""
