@@ -26,6 +26,7 @@ CRITICS = ("wgan", "simple_cnn")
 PERCEPTUAL_KINDS = ("vgg19", "vgg16", "ct")
 PERCEPTUAL = ("none", "auto", *PERCEPTUAL_KINDS)
 LOSS_UNITS = ("model", "hu")
+TARGETS = ("full", "noisier2noise")  # data.target (ldct_cli.training.data)
 PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
@@ -43,6 +44,10 @@ class DataConfig:
     # Which of a multi-dose dataset's low-dose files (manifest "low_doses" order, 0 the primary)
     # training draws from; () draws from all. Validation always uses the primary.
     dose_files: tuple[int, ...] = ()
+    # What the network learns to output: "full", the full-dose slice; "noisier2noise" (a
+    # dataset simulated from the full dose only), the full dose less its expected noise given
+    # the input, so the network removes the full dose's own noise too (training/data.py).
+    target: str = "full"
 
 
 @dataclass(frozen=True)
@@ -304,6 +309,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         bad(f"precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     if data.patch_size < 8 or data.batch_size < 1 or data.workers < 0:
         bad("data.patch_size >= 8, data.batch_size >= 1 and data.workers >= 0")
+    if data.target not in TARGETS:
+        bad(f"data.target {data.target!r} is not one of {', '.join(TARGETS)}")
     if any(i < 0 for i in data.dose_files) or len(set(data.dose_files)) != len(data.dose_files):
         bad(f"data.dose_files {list(data.dose_files)}: distinct indices, 0 or more")
     if sched.max_steps < 1 or sched.val_every < 1 or sched.checkpoint_every < 1 or sched.log_every < 1:

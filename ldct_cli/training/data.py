@@ -20,6 +20,26 @@ from ldct_cli.errors import UsageError
 from ldct_cli.prepare import SPLITS, dose_files, load_manifest, open_case
 
 
+TARGETS = ("full", "noisier2noise")
+
+
+def noisier2noise_target(low: np.ndarray, full: np.ndarray, dose: float) -> np.ndarray:
+    """A target whose expectation given ``low`` is the noise-free image, for a pair simulated
+    from the full dose: ``full - d / (1 - d) * (low - full)`` at dose fraction ``d``.
+
+    A simulated low dose is the full dose plus added noise, so a network trained to output
+    the full dose keeps the full dose's own noise, which it can see in its input. When the
+    added noise has the full dose's texture (scan-matched simulation) and (1 - d) / d times
+    its variance, the expected full-dose noise given the sum is the fraction d of it, and
+    this target removes it (Moran et al., "Noisier2Noise: Learning to Denoise from Unpaired
+    Noisy Data", CVPR 2020). Its own noise is larger than the full dose's: a noisier target,
+    not a biased one.
+    """
+    if not 0.0 < dose < 1.0:
+        raise ValueError(f"dose fraction {dose} is not in (0, 1)")
+    return full - dose / (1.0 - dose) * (low - full)
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """What one training step draws: patch geometry, batch shape, background rejection, augmentation."""
@@ -33,8 +53,13 @@ class SamplerSettings:
     max_tries: int = 20  # then keep the candidate with the most body: an all-air slice must not hang
     augment: bool = True  # random flips and rot90, the same on low and full
     dose_files: tuple[int, ...] = ()  # the low-dose files drawn from (indices); () = all
+    # What the network learns to output (TARGETS): "full", the full-dose patch; or
+    # "noisier2noise", the clean-image estimate of a simulated pair (see noisier2noise_target).
+    target: str = "full"
 
     def __post_init__(self):
+        if self.target not in TARGETS:
+            raise UsageError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         for name in ("patch_size", "batch_size", "batches_per_step", "max_tries"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be 1 or more, got {getattr(self, name)}")
@@ -137,6 +162,9 @@ class PatchSampler(IterableDataset):
         if any(not 0 <= i < self.n_doses for i in self._doses):
             raise UsageError(f"data.dose_files {list(settings.dose_files)}: dataset {self.dataset} has "
                              f"{self.n_doses} low-dose files (indices 0 to {self.n_doses - 1})")
+        if settings.target == "noisier2noise" and not (manifest.get("simulated") and self.low_doses):
+            raise UsageError(f"dataset {self.dataset}: data.target noisier2noise needs low doses simulated "
+                             "from the full dose (ldct prepare --simulate-dose); this one pairs real scans")
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict:
@@ -162,7 +190,7 @@ class PatchSampler(IterableDataset):
             "body_threshold_hu": s.body_threshold_hu, "min_body_fraction": s.min_body_fraction,
             "max_tries": s.max_tries, "augment": s.augment, "seed": self.seed, "rank": self.rank,
             "world_size": self.world_size, "start_step": self.start_step, "low_doses": self.low_doses,
-            "dose_files": self._doses,
+            "dose_files": self._doses, "target": s.target,
         }
 
     def _draw_patch(self, rng: np.random.Generator, low_out: np.ndarray, full_out: np.ndarray) -> PatchPick:
@@ -194,6 +222,9 @@ class PatchSampler(IterableDataset):
         context = _context(low.shape[0], index, s.context_slices)
         low_out[...] = _augmented(low[context, y:y + size, x:x + size], hflip, vflip, rot90)
         full_out[...] = _augmented(full[index:index + 1, y:y + size, x:x + size], hflip, vflip, rot90)
+        if s.target == "noisier2noise":
+            centre = s.context_slices // 2
+            full_out[...] = noisier2noise_target(low_out[centre:centre + 1], full_out, float(self.low_doses[dose]))
         return PatchPick(case, index, y, x, hflip, vflip, rot90, dose)
 
     def batch_for_step(self, step: int, *, return_index: bool = False):

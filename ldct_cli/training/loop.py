@@ -458,7 +458,7 @@ class _Run:
             context_slices=config.context_slices, batches_per_step=self.recipe.batches_per_step(config),
             body_threshold_hu=config.data.body_threshold_hu,
             min_body_fraction=config.data.min_body_fraction, augment=config.data.augment,
-            dose_files=tuple(config.data.dose_files))
+            dose_files=tuple(config.data.dose_files), target=config.data.target)
         # Checks the dataset against the settings before anything is written.
         PatchSampler(config.data.path, split="train", settings=self.settings, seed=config.seed,
                      rank=dist_info.rank, world_size=dist_info.world_size)

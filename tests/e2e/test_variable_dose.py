@@ -254,6 +254,26 @@ def test_sampler_draws_only_the_dose_files_asked_for(multi, case):
         PatchSampler(multi, settings=dataclasses.replace(SETTINGS, dose_files=(3,)), seed=0)
 
 
+def test_noisier2noise_target_is_the_full_dose_less_its_share_of_the_patch_noise(multi, tmp_path):
+    import dataclasses
+
+    full_target = PatchSampler(multi, settings=SETTINGS, seed=0)
+    n2n = PatchSampler(multi, settings=dataclasses.replace(SETTINGS, target="noisier2noise"), seed=0)
+    assert n2n.describe()["target"] == "noisier2noise"
+    for step in range(2):
+        low, full, picks = full_target.batch_for_step(step, return_index=True)
+        low2, target, picks2 = n2n.batch_for_step(step, return_index=True)
+        assert picks == picks2 and torch.equal(low, low2)  # the same patches, another target
+        d = torch.tensor([DOSES[pick.dose] for pick in picks]).view(full.shape[:2] + (1, 1, 1))
+        expected = full - d / (1 - d) * (low - full)
+        assert torch.allclose(target, expected, atol=1e-3)
+    from tests.training_data import make_training_dataset
+
+    paired = make_training_dataset(tmp_path, n_cases=1, n_slices=4, split="0.5,0.5,0")
+    with pytest.raises(UsageError, match="noisier2noise needs low doses simulated"):
+        PatchSampler(paired, settings=dataclasses.replace(SETTINGS, target="noisier2noise"), seed=0)
+
+
 def _flipped(patch: np.ndarray, pick) -> np.ndarray:
     if pick.hflip:
         patch = patch[..., ::-1]

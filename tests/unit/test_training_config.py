@@ -115,6 +115,7 @@ def test_loss_units_hu_is_refused_for_pix2pix():
     ("window = 'liver'\n", "window: unknown window 'liver'"),
     ("ema_decay = 1.0\n", "ema_decay 1: 0 (off) or a decay in (0, 1)"),
     ("[loss]\nunits = 'kelvin'\n", "loss.units 'kelvin' is not one of model, hu"),
+    ("[data]\ntarget = 'clean'\n", "data.target 'clean' is not one of full, noisier2noise"),
 ])
 def test_bad_config_files_are_refused_with_the_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"

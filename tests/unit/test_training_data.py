@@ -242,3 +242,26 @@ def test_unusable_datasets_are_usage_errors(dataset, clean_dataset):
         PatchSampler(dataset, settings=SMALL, seed=0, rank=2, world_size=2)
     with pytest.raises(UsageError, match="odd"):
         validation_slices(dataset, context_slices=2)
+
+
+def test_noisier2noise_target_error_is_uncorrelated_with_the_input_noise():
+    # A simulated pair: full = x + n_fd, low = full + n_sim with (1 - d) / d times n_fd's
+    # variance. The full dose's error is correlated with the input's (it is part of it);
+    # the Noisier2Noise target's is not, so its expectation given the input is x.
+    from ldct_cli.training.data import noisier2noise_target
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(40.0, 30.0, 400_000)
+    for d in (0.25, 0.1, 0.5):
+        n_fd = rng.normal(0.0, 10.0, x.size)
+        n_sim = rng.normal(0.0, 10.0 * np.sqrt((1 - d) / d), x.size)
+        full, low = x + n_fd, x + n_fd + n_sim
+        target = noisier2noise_target(low, full, d)
+        noise_in = low - x
+        assert np.corrcoef(full - x, noise_in)[0, 1] == pytest.approx(np.sqrt(d), abs=0.01)
+        assert abs(np.corrcoef(target - x, noise_in)[0, 1]) < 0.01
+        assert abs(np.mean(target - x)) < 0.2  # no HU bias
+    with pytest.raises(ValueError, match="not in"):
+        noisier2noise_target(low, full, 1.0)
+    with pytest.raises(UsageError, match="target 'clean'"):
+        SamplerSettings(target="clean")
