@@ -107,3 +107,19 @@ def denoise_series(input_dir: Path | str, output_dir: Path | str, *, weights: Pa
     summary = run_denoise(Path(input_dir), Path(output_dir), denoiser=denoiser, derivation=derivation,
                           options=options, discovery=found)
     return summary.series[0]
+
+
+def build_denoisers(*, models: list[str] = (), weights: list[Path | str] = (),
+                    device: str = "auto") -> dict[str, object]:
+    """Denoisers by label for ``ldct evaluate --data``: each bundled model or classical filter
+    by its name, each checkpoint as "MODEL (FILE NAME)" (the whole path when two share a name)."""
+    denoisers: dict[str, object] = {}
+    for name in models:
+        denoisers[name], _ = build_denoiser(model=name, device=device)
+    for path in weights:
+        built, derivation = build_denoiser(weights=path, device=device)
+        label = f"{derivation.setting('model')} ({Path(path).name})"
+        if label in denoisers:
+            label = f"{derivation.setting('model')} ({path})"
+        denoisers[label] = built
+    return denoisers

@@ -657,9 +657,8 @@ def prepare(
 
       ldct prepare data/ --full abdomen/ --simulate-dose 0.25 --realizations 3
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ldct_cli import prepare as prep
+    from ldct_cli.cli_progress import CaseBars
 
     try:
         fractions = tuple(float(x) for x in split.split(","))
@@ -682,34 +681,16 @@ def prepare(
         elif low is not None:
             sources = prep.paired_sources(low, full)
         else:
-            from ldct_cli.simulate import build_simulator
-
-            distinct = prep.parse_doses(simulate_dose)
-            doses = prep.with_realizations(distinct, realizations)
-            spread = prep.parse_texture_spread(texture_spread, realizations)
-            offsets = [spread[(i // len(distinct)) % len(spread)] for i in range(len(doses))]
-            built = [build_simulator(dose=dose, i0=i0, seed=prep.dose_seed(seed, i), device=device,
-                                     recon_filter=recon_filter, texture_offset=offset)
-                     for i, (dose, offset) in enumerate(zip(doses, offsets))]
-            simulator = [sim for sim, _ in built]
-            simulation = {**dict(built[0][1].settings), "doses": doses, "realizations": realizations,
-                          "texture_offsets": offsets,
-                          "seeds": [prep.dose_seed(seed, i) for i in range(len(doses))]}
+            simulator, simulation = prep.simulation_plan(
+                simulate_dose, realizations=realizations, texture_spread=texture_spread, i0=i0,
+                recon_filter=recon_filter, seed=seed, device=device)
             sources = prep.simulated_sources(full)
         how = {"command": "ldct prepare", "low": str(low) if low else None, "full": str(full) if full else None,
                "mayo": str(mayo) if mayo else None, "low_pattern": low_pattern, "full_pattern": full_pattern}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True, disable=quiet or not sys.stderr.isatty()) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(case_id: str, done: int, total: int) -> None:
-                if case_id not in tasks:
-                    tasks[case_id] = bar.add_task(case_id, total=total)
-                bar.update(tasks[case_id], completed=done)
-
+        with CaseBars(err, enabled=not quiet and sys.stderr.isatty()) as bars:
             manifest = prep.prepare(dataset, sources, simulator=simulator, simulation=simulation,
                                     spacing_mm=spacing, patch=patch, split=split_settings,
-                                    overwrite=overwrite, how=how, progress=progress)
+                                    overwrite=overwrite, how=how, progress=bars.update)
     if manifest["split_settings"].get("note"):
         err.print(f"note: {manifest['split_settings']['note']}", markup=False, soft_wrap=True)
     if not quiet:
@@ -791,18 +772,11 @@ def evaluate(
         if data is not None:
             if test_dirs or reference:
                 raise UsageError("--data takes no TEST_DIR or --reference: the dataset holds both")
-            from ldct_cli.api import build_denoiser
+            from ldct_cli.api import build_denoisers
 
-            denoisers = {}
             for name in model or []:
                 _warn_below_bar(name)
-                denoisers[name], _ = build_denoiser(model=name, device=device)
-            for path in weights or []:
-                built, derivation = build_denoiser(weights=path, device=device)
-                label = f"{derivation.setting('model')} ({Path(path).name})"
-                if label in denoisers:  # two runs of one folder name: the whole path tells them apart
-                    label = f"{derivation.setting('model')} ({path})"
-                denoisers[label] = built
+            denoisers = build_denoisers(models=model or [], weights=weights or [], device=device)
             tests, references = ev.dataset_inputs(data, split, denoisers, dose=dose, every=every)
         else:
             if dose is not None:
@@ -825,7 +799,14 @@ def evaluate(
                              montage_slices=montage_slices)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
-        return
+    else:
+        _print_report(report, wide=wide, out=out)
+
+
+def _print_report(report: dict, *, wide: bool, out: Path | None) -> None:
+    """``ldct evaluate``'s table, its notes and where the report went."""
+    from ldct_cli import evaluate as ev
+
     s = report["settings"]
     _print_table(*ev.summary_rows(report, wide=wide), text_columns=ev.TEXT_COLUMNS,
                  title=f"mean ± SD over slices; window [{s['window_hu'][0]:g}, {s['window_hu'][1]:g}] HU, "
@@ -837,22 +818,6 @@ def evaluate(
             err.print(f"note: {series['label']}: {note}", markup=False)
     if out is not None:
         err.print(f"report: {out / 'report.html'}", markup=False)
-
-
-RESUMABLE_KEYS = ("schedule.max_steps", "schedule.max_minutes", "device", "data.workers")
-
-
-def _same_as_saved(config_file: Path, key: str, value) -> bool:
-    """Whether a flag given with --resume repeats the run's saved value (a dotted ``key``)."""
-    try:
-        saved = json.loads(config_file.read_text())
-        for part in key.split("."):
-            saved = saved[part]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if key == "data.path":
-        return Path(str(saved)).resolve() == Path(str(value)).resolve()
-    return saved == value or str(saved) == str(value)
 
 
 def _set_values(items: list[str]) -> dict:
@@ -945,8 +910,7 @@ def train(
       torchrun --nproc_per_node 4 -m ldct_cli train --model pix2pix --data dataset/ --out runs/p2p
     """
     from ldct_cli.cli_progress import RichTrainProgress
-    from ldct_cli.training.config import resolve_config
-    from ldct_cli.training.loop import CONFIG_FILE, train as run_training
+    from ldct_cli.training.loop import train as run_training
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     flags = {"data.path": str(data) if data is not None else None, "schedule.max_steps": max_steps,
@@ -959,40 +923,15 @@ def train(
              "device": device, "precision": precision, "data.workers": workers}
     with _errors_exit(also=(FloatingPointError,)):
         flags.update(_set_values(set_values or []))
-        given = {k: v for k, v in flags.items() if v is not None}
-        if resume is not None:
-            changed = sorted(key for key in set(given) - set(RESUMABLE_KEYS)
-                             if not _same_as_saved(resume / CONFIG_FILE, key, given[key]))
-            if model or config or changed or (out is not None and out != resume):
-                raise UsageError("--resume continues a run as it was configured; only --max-steps, "
-                                 "--max-minutes, --device and --workers may change"
-                                 + (f" (not {', '.join(changed)})" if changed else ""))
-            if not (resume / CONFIG_FILE).is_file():
-                raise UsageError(f"{resume}: not a run folder (no {CONFIG_FILE})")
-            cfg = resolve_config(model=None, config_file=resume / CONFIG_FILE, overrides=given)
-            run_dir = resume
-        else:
-            if out is None:
-                raise UsageError("--out RUN_DIR is required (or --resume RUN_DIR)")
-            cfg = resolve_config(model=model, config_file=config, overrides=given)
-            if not cfg.data.path:
-                raise UsageError("--data DATASET is required (a folder made by `ldct prepare`)")
-            run_dir = out
-        if not (Path(cfg.data.path) / "manifest.json").is_file():
-            raise UsageError(f"{cfg.data.path}: not a dataset (no manifest.json); make one with `ldct prepare`")
+        cfg, run_dir = _train_config({k: v for k, v in flags.items() if v is not None}, model=model,
+                                     config=config, out=out, resume=resume)
         show = rank0 and not quiet and not json_out
         with RichTrainProgress(err, enabled=show) as bar:
             result = run_training(cfg, run_dir, resume=resume is not None, progress=bar)
     if not rank0:
         return
-    summary = {"run": str(result.run_dir), "model": cfg.model, "recipe": cfg.recipe,
-               "steps": result.step, "stopped": result.stopped, "seconds": round(result.seconds, 1),
-               "patches_per_s": round(result.patches_per_s, 2),
-               "data_wait_fraction": round(result.data_wait_fraction, 4),
-               "world_size": result.world_size, "input": result.input_metrics, "best": result.best,
-               "last": result.last_val}
     if json_out:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(result.summary(cfg), indent=2))
     elif not quiet:
         best = result.best
         err.print(f"{result.run_dir}: {result.step} steps ({result.stopped}), "
@@ -1003,6 +942,33 @@ def train(
         err.print(f"interrupted: state saved at step {result.step}; continue with "
                   f"ldct train --resume {result.run_dir}", markup=False)
         raise typer.Exit(128 + int(result.stop_signal or signal.SIGINT))
+
+
+def _train_config(given: dict, *, model: str | None, config: str | None, out: Path | None,
+                  resume: Path | None):
+    """The resolved config and run folder of ``ldct train``: a new run, or ``--resume`` of one
+    with only the resumable flags changed."""
+    from ldct_cli.training.config import changed_on_resume, resolve_config
+    from ldct_cli.training.loop import CONFIG_FILE
+
+    if resume is not None:
+        changed = changed_on_resume(resume / CONFIG_FILE, given)
+        if model or config or changed or (out is not None and out != resume):
+            raise UsageError("--resume continues a run as it was configured; only --max-steps, "
+                             "--max-minutes, --device and --workers may change"
+                             + (f" (not {', '.join(changed)})" if changed else ""))
+        if not (resume / CONFIG_FILE).is_file():
+            raise UsageError(f"{resume}: not a run folder (no {CONFIG_FILE})")
+        cfg, run_dir = resolve_config(model=None, config_file=resume / CONFIG_FILE, overrides=given), resume
+    else:
+        if out is None:
+            raise UsageError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        cfg, run_dir = resolve_config(model=model, config_file=config, overrides=given), out
+        if not cfg.data.path:
+            raise UsageError("--data DATASET is required (a folder made by `ldct prepare`)")
+    if not (Path(cfg.data.path) / "manifest.json").is_file():
+        raise UsageError(f"{cfg.data.path}: not a dataset (no manifest.json); make one with `ldct prepare`")
+    return cfg, run_dir
 
 
 @app.command()

@@ -116,3 +116,24 @@ class RichTrainProgress:
             self.console.print(f"step {step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
                                f"RMSE {metrics['rmse_hu']:.1f} HU{'  best' if best else ''}",
                                markup=False, highlight=False)
+
+
+class CaseBars:
+    """One bar per case as ``ldct prepare`` writes them: ``update(case_id, done, total)``."""
+
+    def __init__(self, console: Console, *, enabled: bool):
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), console=console, transient=True, disable=not enabled)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "CaseBars":
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+    def update(self, case_id: str, done: int, total: int) -> None:
+        if case_id not in self._tasks:
+            self._tasks[case_id] = self._bar.add_task(case_id, total=total)
+        self._bar.update(self._tasks[case_id], completed=done)

@@ -195,6 +195,26 @@ def dose_seed(seed: int, index: int) -> int:
     return int(seed) + 1000 * index
 
 
+def simulation_plan(doses_text: str, *, realizations: int = 1, texture_spread: str = "0",
+                    i0: float | None = None, recon_filter: str | None = None, seed: int = 0,
+                    device: str = "auto") -> tuple[list, dict]:
+    """The simulators of ``--simulate-dose`` (one per low-dose file: every dose, then each
+    further realization, realization k taking the k-th texture offset in turn) and the
+    manifest's record of them."""
+    from ldct_cli.simulate import build_simulator
+
+    distinct = parse_doses(doses_text)
+    doses = with_realizations(distinct, realizations)
+    spread = parse_texture_spread(texture_spread, realizations)
+    offsets = [spread[(i // len(distinct)) % len(spread)] for i in range(len(doses))]
+    built = [build_simulator(dose=dose, i0=i0, seed=dose_seed(seed, i), device=device,
+                             recon_filter=recon_filter, texture_offset=offset)
+             for i, (dose, offset) in enumerate(zip(doses, offsets))]
+    simulation = {**dict(built[0][1].settings), "doses": doses, "realizations": realizations,
+                  "texture_offsets": offsets, "seeds": [dose_seed(seed, i) for i in range(len(doses))]}
+    return [sim for sim, _ in built], simulation
+
+
 def simulated_sources(full: Path) -> list[CaseSource]:
     """``--full DIR --simulate-dose A``: every CT series under DIR is a case."""
     found = discover(full).series

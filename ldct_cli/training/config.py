@@ -358,3 +358,26 @@ def validate(config: TrainConfig) -> TrainConfig:
     elif loss.perceptual in ("vgg19", "vgg16") and not config.vgg_weights:
         config = replace(config, vgg_weights=os.environ.get("LDCT_VGG_WEIGHTS", ""))
     return config
+
+
+# What a resumed run may change: how long it goes on and where it runs, never what it learns.
+RESUMABLE_KEYS = ("schedule.max_steps", "schedule.max_minutes", "device", "data.workers")
+
+
+def changed_on_resume(config_file: Path, given: dict[str, Any]) -> list[str]:
+    """The dotted keys of ``given`` that a resumed run may not change and that differ from its
+    saved ``config.json`` (repeating a saved value is fine)."""
+    return sorted(key for key in set(given) - set(RESUMABLE_KEYS)
+                  if not _same_as_saved(config_file, key, given[key]))
+
+
+def _same_as_saved(config_file: Path, key: str, value) -> bool:
+    try:
+        saved = json.loads(Path(config_file).read_text())
+        for part in key.split("."):
+            saved = saved[part]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if key == "data.path":
+        return Path(str(saved)).resolve() == Path(str(value)).resolve()
+    return saved == value or str(saved) == str(value)

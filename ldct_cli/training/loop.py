@@ -75,6 +75,15 @@ class TrainResult:
     stop_signal: int | None = None  # the signal behind "interrupted" (SIGINT, SIGTERM)
     losses: list[dict[str, float]] = field(default_factory=list)
 
+    def summary(self, config: TrainConfig) -> dict[str, Any]:
+        """What ``ldct train --json`` prints."""
+        return {"run": str(self.run_dir), "model": config.model, "recipe": config.recipe,
+                "steps": self.step, "stopped": self.stopped, "seconds": round(self.seconds, 1),
+                "patches_per_s": round(self.patches_per_s, 2),
+                "data_wait_fraction": round(self.data_wait_fraction, 4),
+                "world_size": self.world_size, "input": self.input_metrics, "best": self.best,
+                "last": self.last_val}
+
 
 def lr_at(opt: OptimizerConfig, step: int) -> float:
     """Exponential decay from ``lr`` to ``lr_final`` over ``decay_steps``, then flat."""
